@@ -1,0 +1,75 @@
+"""Level 0 of MM-Rec: the short-term memory h_t, a gated linear recurrence."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mmrec.config import MMRecConfig
+from mmrec.layers.basic import CausalConv
+from mmrec.ops import gla_chunked, gla_step
+
+
+class ShortTermMixer(nn.Module):
+    """Multi-head gated linear recurrence with a matrix state per head.
+
+        q, k, v = W_{q,k,v} silu(conv(x));   log g = logsigmoid(W_g x + b_g) / tau
+        S_t = g_t S_{t-1} + k_t^T v_t;       o_t = q_t S_t
+        y = W_o (rmsnorm_head(o) * sigmoid(W_r x))
+
+    The decay depends on the input only, never on the state, so the whole
+    sequence is computed in parallel (chunked form) and exactly equals the
+    token-by-token step used for decoding.
+    """
+
+    def __init__(self, cfg: MMRecConfig) -> None:
+        super().__init__()
+        d, H = cfg.d_model, cfg.n_heads
+        self.n_heads, self.head_dim = H, cfg.head_dim
+        self.tau = cfg.decay_tau
+        self.chunk = cfg.scan_chunk
+        self.scan_block = cfg.scan_block
+        self.conv = CausalConv(d, cfg.conv_size) if cfg.conv_size > 0 else None
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.decay = nn.Linear(d, H)
+        self.out_gate = nn.Linear(d, d, bias=False)
+        self.head_norm = nn.Parameter(torch.ones(d))
+        self.out = nn.Linear(d, d, bias=False)
+        self.norm_eps = cfg.norm_eps
+        # Spread the initial decays over time scales, geometrically in 1/(1-g):
+        # the heads start with memories from ~1/(1-decay_min) to ~1/(1-decay_max) tokens.
+        horizons = torch.logspace(
+            math.log10(1 / (1 - cfg.decay_min)), math.log10(1 / (1 - cfg.decay_max)), H
+        )
+        gamma = 1 - 1 / horizons
+        # logsigmoid(b) / tau = log(gamma)  =>  b = logit(gamma ** tau)
+        self._decay_bias_init = torch.logit(gamma.double() ** self.tau).float()
+
+    def reset_decay(self) -> None:
+        with torch.no_grad():
+            self.decay.bias.copy_(self._decay_bias_init)
+
+    def forward(self, x: Tensor, S: Tensor, conv_tail: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x: [B, T, d]; S: [B, H, dk, dv]; conv_tail: [B, K-1, d]."""
+        B, T, d = x.shape
+        H, dh = self.n_heads, self.head_dim
+        if self.conv is not None:
+            xc, conv_tail = self.conv(x, conv_tail)
+            xc = F.silu(xc)
+        else:
+            xc = x
+        q, k, v = self.qkv(xc).view(B, T, 3, H, dh).permute(2, 0, 3, 1, 4)  # 3 x [B, H, T, dh]
+        q = q * dh**-0.5
+        log_g = F.logsigmoid(self.decay(x).float()).transpose(1, 2) / self.tau  # [B, H, T]
+        if T == 1:
+            o, S = gla_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], log_g[:, :, 0], S)
+            o = o.unsqueeze(2)
+        else:
+            o, S = gla_chunked(q, k, v, log_g, S, self.chunk, self.scan_block)
+        o = o.transpose(1, 2)  # [B, T, H, dh]
+        o = F.rms_norm(o, (dh,), eps=self.norm_eps).reshape(B, T, d) * self.head_norm
+        y = self.out(o * torch.sigmoid(self.out_gate(x)))
+        return y, S, conv_tail

@@ -1,0 +1,146 @@
+"""The MM-Rec language model: embedding -> blocks of dual memory -> RMSNorm -> tied head."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mmrec.config import MMRecConfig
+from mmrec.layers.basic import SwiGLU
+from mmrec.layers.memory import MemoryRead
+from mmrec.layers.short_term import ShortTermMixer
+from mmrec.models.generation import GenerationMixin
+from mmrec.models.output import LMOutput, check_input_ids, lm_loss
+from mmrec.models.state import MMRecState, StateError
+from mmrec.ops.scan import accumulation_dtype
+
+
+class MMRecBlock(nn.Module):
+    """x += ShortTermMixer(norm x); x += MemoryRead(norm x); x += SwiGLU(norm x)."""
+
+    def __init__(self, cfg: MMRecConfig) -> None:
+        super().__init__()
+        assert cfg.d_ff is not None
+        self.norm1 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.short_term = ShortTermMixer(cfg)
+        self.norm2 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.memory = MemoryRead(cfg)
+        self.norm3 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.d_model, cfg.d_ff)
+
+    def forward(self, x: Tensor, st: dict[str, Tensor], position: int) -> tuple[Tensor, dict[str, Tensor]]:
+        y, short, conv = self.short_term(self.norm1(x), st["short"], st["conv"])
+        x = x + y
+        y, memory, summaries, sequence, pending = self.memory(
+            self.norm2(x), st["memory"], st["summaries"], st["sequence"], st["pending"], position
+        )
+        x = x + y
+        x = x + self.mlp(self.norm3(x))
+        new = {"short": short, "conv": conv, "memory": memory, "summaries": summaries,
+               "sequence": sequence, "pending": pending}
+        return x, new
+
+
+class MMRecLM(nn.Module, GenerationMixin):
+    """Decoder-only LM with short-term recurrence and hierarchical long-term memory.
+
+    ``model(input_ids, state=None)`` -> LMOutput(logits [B, T, V], state). Feeding
+    a sequence whole or in pieces with the state carried gives the same logits.
+    """
+
+    def __init__(self, config: MMRecConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(MMRecBlock(config) for _ in range(config.n_layers))
+        self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            if p.dim() == 2 and "memory_init" not in name:
+                nn.init.normal_(p, 0.0, std)
+        for block in self.blocks:
+            # GPT-2: residual projections scaled down by depth.
+            for lin in (block.short_term.out, block.memory.out, block.mlp.w2):
+                nn.init.normal_(lin.weight, 0.0, std / math.sqrt(2 * self.config.n_layers))
+            nn.init.normal_(block.memory.write_queries, 0.0, 1.0)
+            nn.init.normal_(block.memory.memory_init, 0.0, std)
+            nn.init.zeros_(block.short_term.decay.weight)
+            block.short_term.reset_decay()
+            block.memory.reset_gates()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    def init_state(self, batch_size: int = 1) -> MMRecState:
+        """The state of ``batch_size`` fresh streams (memory slots at their learned start)."""
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        c, B, dev = self.config, batch_size, self.device
+        acc = accumulation_dtype(self.embed.weight.dtype)
+        L, d, dm = c.n_layers, c.d_model, c.d_mem
+        assert dm is not None
+        zeros = lambda *shape: torch.zeros(*shape, dtype=acc, device=dev)  # noqa: E731
+        memory = torch.stack([blk.memory.memory_init.to(acc) for blk in self.blocks])  # [L, S, dm]
+        return MMRecState(
+            position=0,
+            short=zeros(L, B, c.n_heads, c.head_dim, c.head_dim),
+            conv=zeros(L, B, max(c.conv_size - 1, 0), d),
+            memory=memory.unsqueeze(1).expand(L, B, c.mem_slots, dm).clone(),
+            summaries=zeros(L, B, c.summary_window, dm),
+            sequence=zeros(L, B, dm),
+            pending=zeros(L, B, c.chunk_size, d),
+        )
+
+    def check_state(self, state: Any, batch_size: int) -> MMRecState:
+        if not isinstance(state, MMRecState):
+            raise StateError(f"state must be an MMRecState (from init_state or a forward output), got {type(state).__name__}")
+        if state.batch_size != batch_size:
+            raise StateError(f"state holds {state.batch_size} stream(s) but input_ids has batch size {batch_size}")
+        c = self.config
+        shapes = {
+            "short": (c.n_layers, batch_size, c.n_heads, c.head_dim, c.head_dim),
+            "conv": (c.n_layers, batch_size, max(c.conv_size - 1, 0), c.d_model),
+            "memory": (c.n_layers, batch_size, c.mem_slots, c.d_mem),
+            "summaries": (c.n_layers, batch_size, c.summary_window, c.d_mem),
+            "sequence": (c.n_layers, batch_size, c.d_mem),
+            "pending": (c.n_layers, batch_size, c.chunk_size, c.d_model),
+        }
+        for name, t in state.tensors().items():
+            if tuple(t.shape) != shapes[name]:
+                raise StateError(
+                    f"state does not match this model: '{name}' has shape {tuple(t.shape)}, expected "
+                    f"{shapes[name]} (was the state made by a model with another config?)"
+                )
+            if t.device != self.device:
+                raise StateError(f"state is on {t.device} but the model is on {self.device}; use state.to(device)")
+        if not isinstance(state.position, int) or state.position < 0:
+            raise StateError(f"state position must be an integer >= 0, got {state.position!r}")
+        return state
+
+    def forward(self, input_ids: Tensor, state: MMRecState | None = None, targets: Tensor | None = None) -> LMOutput:
+        ids = check_input_ids(input_ids, self.config.vocab_size)
+        B, T = ids.shape
+        state = self.init_state(B) if state is None else self.check_state(state, B)
+        x = self.embed(ids)  # [B, T, d]
+        per_layer: list[dict[str, Tensor]] = []
+        for i, block in enumerate(self.blocks):
+            st = {name: t[i] for name, t in state.tensors().items()}
+            x, new = block(x, st, state.position)
+            per_layer.append(new)
+        logits = self.norm(x) @ self.embed.weight.t()  # tied head, [B, T, V]
+        new_state = MMRecState(
+            position=state.position + T,
+            **{name: torch.stack([layer[name] for layer in per_layer]) for name in per_layer[0]},
+        )
+        loss = lm_loss(logits, targets) if targets is not None else None
+        return LMOutput(logits=logits, state=new_state, loss=loss)
