@@ -6,8 +6,9 @@ from mmrec.models.generation import sample_next
 
 
 def models():
-    yield MMRecLM(MMRecConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, chunk_size=8, mem_slots=4,
-                              summary_window=2)).eval()
+    yield MMRecLM(
+        MMRecConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, chunk_size=8, mem_slots=4, summary_window=2)
+    ).eval()
     yield TransformerLM(TransformerConfig(preset="llama", vocab_size=64, d_model=32, n_layers=2, n_heads=2)).eval()
 
 
@@ -52,8 +53,12 @@ def test_sampling_filters():
 def test_bad_sampling_arguments():
     model = next(models())
     prompt = torch.zeros(1, 2, dtype=torch.long)
-    for kwargs, msg in [(dict(temperature=-1.0), "temperature"), (dict(top_k=0), "top_k"),
-                        (dict(top_p=1.5), "top_p"), (dict(max_new_tokens=-2), "max_new_tokens")]:
+    for kwargs, msg in [
+        (dict(temperature=-1.0), "temperature"),
+        (dict(top_k=0), "top_k"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(max_new_tokens=-2), "max_new_tokens"),
+    ]:
         args = {"max_new_tokens": 3, **kwargs}
         with pytest.raises(ValueError, match=msg):
             model.generate(prompt, **args)

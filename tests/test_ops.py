@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from conftest import rel_err
 
+from conftest import rel_err
 from mmrec.ops import gla_chunked, gla_naive, gla_step, linear_scan, linear_scan_naive, segsum
 
 # (low, high) of log decay per step: gamma ~ 1e-4 (strong), 1 - 1e-6 (weak), and a mix.
@@ -63,7 +63,7 @@ def test_gla_chunked_matches_naive_with_gradients(T, chunk, kind):
         assert rel_err(o, o_ref) <= tol, f"output {dtype}"
         assert rel_err(s, s_ref) <= tol, f"final state {dtype}"
         ((o * w_o.to(dtype)).sum() + (s * w_s.to(s.dtype)).sum()).backward()
-        for name, a, b in zip("q k v log_g state".split(), inputs, ref_inputs, strict=True):
+        for name, a, b in zip(["q", "k", "v", "log_g", "state"], inputs, ref_inputs, strict=True):
             assert rel_err(a.grad, b.grad) <= tol, f"grad of {name} in {dtype}"
 
 
@@ -120,8 +120,9 @@ def test_memory_write_and_read_gradcheck():
     from mmrec import MMRecConfig
     from mmrec.layers import MemoryRead
 
-    cfg = MMRecConfig(vocab_size=16, d_model=8, n_heads=2, chunk_size=3, mem_slots=2, summary_window=2, d_mem=4,
-                      mem_heads=2)
+    cfg = MMRecConfig(
+        vocab_size=16, d_model=8, n_heads=2, chunk_size=3, mem_slots=2, summary_window=2, d_mem=4, mem_heads=2
+    )
     layer = MemoryRead(cfg).double()
     layer.reset_gates()
     with torch.no_grad():

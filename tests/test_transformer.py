@@ -3,8 +3,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import rel_err
 
+from conftest import rel_err
 from mmrec import ConfigError, KVCache, MMRecConfig, MMRecLM, StateError, TransformerConfig, TransformerLM
 from mmrec.layers.attention import causal_attention
 from mmrec.models.transformer import matched_transformer_config
@@ -58,8 +58,10 @@ def test_kv_cache_grows_but_the_window_bounds_it():
     assert llama.nbytes() > 0 and mmrec_small.init_state(1).nbytes() > 0
 
 
-@pytest.mark.parametrize(("Tq", "Tk", "window"), [(50, 53, 8), (50, 50, 8), (9, 9, 8), (3, 10, 8), (1, 8, 8),
-                                                   (64, 64, 16), (7, 7, None), (5, 12, None)])
+@pytest.mark.parametrize(
+    ("Tq", "Tk", "window"),
+    [(50, 53, 8), (50, 50, 8), (9, 9, 8), (3, 10, 8), (1, 8, 8), (64, 64, 16), (7, 7, None), (5, 12, None)],
+)
 def test_attention_matches_dense_masked_reference(Tq, Tk, window):
     q = torch.randn(2, 3, Tq, 4, dtype=torch.float64)
     k = torch.randn(2, 3, Tk, 4, dtype=torch.float64)

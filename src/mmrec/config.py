@@ -73,9 +73,7 @@ class MMRecConfig(ConfigMixin):
     d_model: int = _doc("Width of the residual stream.", default=256)
     n_layers: int = _doc("Number of blocks; each owns its short- and long-term memory.", default=4)
     n_heads: int = _doc("Heads of the short-term recurrence; each keeps a (d/h x d/h) state.", default=4)
-    chunk_size: int = _doc(
-        "Tokens per chunk: the long-term memory is written once per completed chunk.", default=64
-    )
+    chunk_size: int = _doc("Tokens per chunk: the long-term memory is written once per completed chunk.", default=64)
     mem_slots: int = _doc("Long-term memory slots per layer (level 3).", default=32)
     summary_window: int = _doc("Chunk summaries kept in the level-1 FIFO.", default=8)
     d_mem: int | None = _doc("Width of a memory entry; default d_model.", default=None)
@@ -93,8 +91,17 @@ class MMRecConfig(ConfigMixin):
     scan_block: int = _doc("Chunks per block of the state scan (speed knob only).", default=16)
 
     def __post_init__(self) -> None:
-        _positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "chunk_size", "mem_slots",
-                  "summary_window", "scan_block")
+        _positive(
+            self,
+            "vocab_size",
+            "d_model",
+            "n_layers",
+            "n_heads",
+            "chunk_size",
+            "mem_slots",
+            "summary_window",
+            "scan_block",
+        )
         if self.d_mem is None:
             self.d_mem = self.d_model
         if self.mem_heads is None:
@@ -104,14 +111,26 @@ class MMRecConfig(ConfigMixin):
         if self.scan_chunk is None:
             self.scan_chunk = self.chunk_size
         _positive(self, "d_mem", "mem_heads", "d_ff", "scan_chunk")
-        _require(self.d_model % self.n_heads == 0, "d_model",
-                 f"must be divisible by n_heads ({self.d_model} % {self.n_heads} != 0)")
-        _require(self.d_mem % self.mem_heads == 0, "d_mem",
-                 f"must be divisible by mem_heads ({self.d_mem} % {self.mem_heads} != 0)")
-        _require(isinstance(self.conv_size, int) and self.conv_size >= 0, "conv_size",
-                 f"must be an integer >= 0, got {self.conv_size!r}")
-        _require(0.0 < self.decay_min <= self.decay_max < 1.0, "decay_min/decay_max",
-                 f"need 0 < decay_min <= decay_max < 1, got {self.decay_min}, {self.decay_max}")
+        _require(
+            self.d_model % self.n_heads == 0,
+            "d_model",
+            f"must be divisible by n_heads ({self.d_model} % {self.n_heads} != 0)",
+        )
+        _require(
+            self.d_mem % self.mem_heads == 0,
+            "d_mem",
+            f"must be divisible by mem_heads ({self.d_mem} % {self.mem_heads} != 0)",
+        )
+        _require(
+            isinstance(self.conv_size, int) and self.conv_size >= 0,
+            "conv_size",
+            f"must be an integer >= 0, got {self.conv_size!r}",
+        )
+        _require(
+            0.0 < self.decay_min <= self.decay_max < 1.0,
+            "decay_min/decay_max",
+            f"need 0 < decay_min <= decay_max < 1, got {self.decay_min}, {self.decay_max}",
+        )
         _require(self.decay_tau > 0, "decay_tau", f"must be > 0, got {self.decay_tau}")
         _require(self.norm_eps > 0, "norm_eps", f"must be > 0, got {self.norm_eps}")
         _require(self.init_std > 0, "init_std", f"must be > 0, got {self.init_std}")
@@ -152,8 +171,11 @@ class TransformerConfig(ConfigMixin):
         if self.max_seq_len is None:
             self.max_seq_len = 1024 if self.preset == "gpt" else 32768
         _positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len")
-        _require(self.d_model % self.n_heads == 0, "d_model",
-                 f"must be divisible by n_heads ({self.d_model} % {self.n_heads} != 0)")
+        _require(
+            self.d_model % self.n_heads == 0,
+            "d_model",
+            f"must be divisible by n_heads ({self.d_model} % {self.n_heads} != 0)",
+        )
         if self.d_ff is None:
             self.d_ff = 4 * self.d_model if self.preset == "gpt" else _round_up(8 * self.d_model / 3, 64)
         _positive(self, "d_ff")

@@ -50,8 +50,12 @@ class CausalConv(nn.Module):
     def forward(self, x: Tensor, tail: Tensor) -> tuple[Tensor, Tensor]:
         # x: [B, T, D]; tail: [B, K-1, D]
         T = x.size(1)
-        full = torch.cat([tail.to(x.dtype), x], dim=1)  # [B, K-1+T, D]
         if T == 0:
             return x, tail
+        full = torch.cat([tail.to(x.dtype), x], dim=1)  # [B, K-1+T, D]
+        new_tail = full[:, full.size(1) - (self.kernel_size - 1) :].to(tail.dtype)
+        if T == 1:  # decoding: a weighted sum beats a convolution call
+            y = torch.einsum("bkd,dk->bd", full, self.weight[:, 0].to(x.dtype)) + self.bias.to(x.dtype)
+            return y.unsqueeze(1), new_tail
         y = F.conv1d(full.transpose(1, 2), self.weight.to(x.dtype), self.bias.to(x.dtype), groups=x.size(-1))
-        return y.transpose(1, 2), full[:, full.size(1) - (self.kernel_size - 1) :].to(tail.dtype)
+        return y.transpose(1, 2), new_tail

@@ -15,7 +15,8 @@ Candidates and gates depend on the chunk only, never on M, so M is a linear
 recurrence over chunks: all chunks' memories come out of one scan, and the
 reads of all chunks are one batched attention. Each token of chunk c reads
 [M; FIFO; z] as they stood after chunk c-1 (plus a learned null entry), so
-a token never sees memory built from its own chunk or later ones.
+a token never sees memory built from its own chunk or later ones. A learned
+null entry, always present, lets a token read nothing.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class MemoryRead(nn.Module):
         # Read side.
         self.read_q = nn.Linear(d, dm, bias=False)
         self.read_kv = nn.Linear(dm, 2 * dm, bias=False)
-        self.null_kv = nn.Parameter(torch.zeros(2, dm))
+        self.null_entry = nn.Parameter(torch.zeros(dm))
         self.out = nn.Linear(dm, d, bias=False)
 
     def reset_gates(self) -> None:
@@ -87,7 +88,13 @@ class MemoryRead(nn.Module):
             sequence.unsqueeze(-1),
             self.scan_block,
         )  # [B, dm, n, 1], [B, dm, 1]
-        return mem_enter.transpose(1, 2), mem_final, seq_enter.squeeze(-1).transpose(1, 2), seq_final.squeeze(-1), summary
+        return (
+            mem_enter.transpose(1, 2),
+            mem_final,
+            seq_enter.squeeze(-1).transpose(1, 2),
+            seq_final.squeeze(-1),
+            summary,
+        )
 
     def forward(
         self,
@@ -105,6 +112,8 @@ class MemoryRead(nn.Module):
         C, W, S, h, dh = self.chunk, self.window, self.slots, self.heads, self.head_dim
         if T == 0:
             return x.new_zeros(B, 0, d), memory, summaries, sequence, pending
+        if T == 1:
+            return self._step(x, memory, summaries, sequence, pending, position)
         acc = accumulation_dtype(memory.dtype)
         r = position % C  # tokens of the current chunk seen before this call
         xs = torch.cat([pending[:, :r].to(x.dtype), x], dim=1) if r else x  # [B, r+T, d]
@@ -114,7 +123,9 @@ class MemoryRead(nn.Module):
 
         if n_done:
             chunks = xs[:, : n_done * C].reshape(B, n_done, C, d)
-            mem_enter, memory, seq_enter, sequence, new_summaries = self._write(chunks, memory.to(acc), sequence.to(acc))
+            mem_enter, memory, seq_enter, sequence, new_summaries = self._write(
+                chunks, memory.to(acc), sequence.to(acc)
+            )
             mem_read = torch.cat([mem_enter, memory.unsqueeze(1)], dim=1)[:, :n_read]  # [B, n_read, S, dm]
             seq_read = torch.cat([seq_enter, sequence.unsqueeze(1)], dim=1)[:, :n_read]  # [B, n_read, dm]
             fifo = torch.cat([summaries.to(acc), new_summaries], dim=1)  # [B, W + n_done, dm]
@@ -126,24 +137,26 @@ class MemoryRead(nn.Module):
         valid_before = min(W, position // C)
         mask = None
         if valid_before < W:
-            valid = torch.cat([
-                torch.arange(W, device=x.device) >= W - valid_before,
-                torch.ones(n_done, dtype=torch.bool, device=x.device),
-            ]).unfold(0, W, 1)[:n_read]  # [n_read, W]
+            valid = torch.cat(
+                [
+                    torch.arange(W, device=x.device) >= W - valid_before,
+                    torch.ones(n_done, dtype=torch.bool, device=x.device),
+                ]
+            ).unfold(0, W, 1)[:n_read]  # [n_read, W]
             always = torch.ones(n_read, 1, dtype=torch.bool, device=x.device)
-            mask = torch.cat([always.expand(n_read, S), valid, always, always], dim=1)  # [n_read, E+1]
+            mask = torch.cat([always.expand(n_read, S), valid, always, always], dim=1)  # [n_read, E]
 
-        entries = torch.cat([mem_read, windows, seq_read.unsqueeze(2)], dim=2)  # [B, n_read, E, dm]
+        null = self.null_entry.to(mem_read.dtype).expand(B, n_read, 1, self.d_mem)
+        entries = torch.cat([mem_read, windows, seq_read.unsqueeze(2), null], dim=2)  # [B, n_read, E, dm]
         E = entries.size(2)
         kv = self.read_kv(entries.to(x.dtype)).view(B, n_read, E, 2, h, dh).permute(3, 0, 1, 4, 2, 5)
-        null = self.null_kv.to(kv.dtype).view(2, 1, 1, h, 1, dh).expand(2, B, n_read, h, 1, dh)
-        kv = torch.cat([kv, null], dim=-2).flatten(1, 2)  # [2, B*n_read, h, E+1, dh]
+        kv = kv.flatten(1, 2)  # [2, B*n_read, h, E, dh]
 
         q = self.read_q(x).view(B, T, h, dh)
         q = F.pad(q, (0, 0, 0, 0, r, n_read * C - r - T))  # align the tokens to the chunk grid
         q = q.view(B, n_read, C, h, dh).transpose(2, 3).flatten(0, 1)  # [B*n_read, h, C, dh]
         if mask is not None:
-            mask = mask.view(1, n_read, 1, 1, E + 1).expand(B, n_read, 1, 1, E + 1).flatten(0, 1)
+            mask = mask.view(1, n_read, 1, 1, E).expand(B, n_read, 1, 1, E).flatten(0, 1)
         o = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask)
         o = o.view(B, n_read, h, C, dh).transpose(2, 3).reshape(B, n_read * C, self.d_mem)[:, r : r + T]
         y = self.out(o)
@@ -151,4 +164,41 @@ class MemoryRead(nn.Module):
         tail = xs[:, n_done * C :]  # [B, total % C, d]
         pending = F.pad(tail, (0, 0, 0, C - tail.size(1))).to(pending.dtype)
         summaries = fifo[:, fifo.size(1) - W :].to(summaries.dtype)
+        return y, memory, summaries, sequence, pending
+
+    def _step(
+        self, x: Tensor, memory: Tensor, summaries: Tensor, sequence: Tensor, pending: Tensor, position: int
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """One token (decoding): the same read and write as :meth:`forward`, cheaper.
+
+        Instead of projecting every memory entry to keys and values, the query
+        is projected into entry space: q . (W_k e) = (W_k^T q) . e, and the
+        attention-weighted entries are projected once: sum p_e W_v e = W_v sum p_e e.
+        """
+        B, _, d = x.shape
+        C, W, h, dh, dm = self.chunk, self.window, self.heads, self.head_dim, self.d_mem
+        r = position % C
+        null = self.null_entry.to(memory.dtype).expand(B, 1, dm)
+        entries = torch.cat([memory, summaries, sequence.unsqueeze(1), null], dim=1).to(x.dtype)  # [B, E, dm]
+        w_k, w_v = self.read_kv.weight.to(x.dtype).view(2, h, dh, dm)
+        q = self.read_q(x[:, 0]).view(B, h, dh)
+        scores = torch.einsum("bhm,bem->bhe", torch.einsum("bhk,hkm->bhm", q, w_k), entries) * dh**-0.5
+        valid_before = min(W, position // C)
+        if valid_before < W:
+            hidden = torch.zeros(entries.size(1), dtype=torch.bool, device=x.device)
+            hidden[self.slots : self.slots + W - valid_before] = True
+            scores = scores.masked_fill(hidden, float("-inf"))
+        p = torch.softmax(scores.float(), dim=-1).to(x.dtype)
+        o = torch.einsum("bhm,hkm->bhk", torch.einsum("bhe,bem->bhm", p, entries), w_v)  # [B, h, dh]
+        y = self.out(o.reshape(B, 1, dm))
+
+        pending = pending.clone()
+        pending[:, r] = x[:, 0].to(pending.dtype)
+        if r + 1 == C:  # this token completes the chunk: write it
+            acc = accumulation_dtype(memory.dtype)
+            _, memory, _, sequence, summary = self._write(
+                pending.to(x.dtype).unsqueeze(1), memory.to(acc), sequence.to(acc)
+            )
+            summaries = torch.cat([summaries[:, 1:], summary.to(summaries.dtype)], dim=1)
+            pending = torch.zeros_like(pending)
         return y, memory, summaries, sequence, pending

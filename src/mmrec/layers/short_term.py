@@ -30,7 +30,8 @@ class ShortTermMixer(nn.Module):
         d, H = cfg.d_model, cfg.n_heads
         self.n_heads, self.head_dim = H, cfg.head_dim
         self.tau = cfg.decay_tau
-        self.chunk = cfg.scan_chunk
+        assert cfg.scan_chunk is not None
+        self.chunk: int = cfg.scan_chunk
         self.scan_block = cfg.scan_block
         self.conv = CausalConv(d, cfg.conv_size) if cfg.conv_size > 0 else None
         self.qkv = nn.Linear(d, 3 * d, bias=False)
@@ -41,9 +42,7 @@ class ShortTermMixer(nn.Module):
         self.norm_eps = cfg.norm_eps
         # Spread the initial decays over time scales, geometrically in 1/(1-g):
         # the heads start with memories from ~1/(1-decay_min) to ~1/(1-decay_max) tokens.
-        horizons = torch.logspace(
-            math.log10(1 / (1 - cfg.decay_min)), math.log10(1 / (1 - cfg.decay_max)), H
-        )
+        horizons = torch.logspace(math.log10(1 / (1 - cfg.decay_min)), math.log10(1 / (1 - cfg.decay_max)), H)
         gamma = 1 - 1 / horizons
         # logsigmoid(b) / tau = log(gamma)  =>  b = logit(gamma ** tau)
         self._decay_bias_init = torch.logit(gamma.double() ** self.tau).float()

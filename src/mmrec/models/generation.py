@@ -74,9 +74,7 @@ class GenerationMixin:
         """
         _check_sampling(max_new_tokens, temperature, top_k, top_p)
         if prompt_ids.dim() != 2 or prompt_ids.size(1) == 0:
-            raise ValueError(
-                f"prompt_ids must have shape [batch, time] with time >= 1, got {tuple(prompt_ids.shape)}"
-            )
+            raise ValueError(f"prompt_ids must have shape [batch, time] with time >= 1, got {tuple(prompt_ids.shape)}")
         if max_new_tokens == 0:
             return
         out = self(prompt_ids, state=state)
@@ -120,7 +118,14 @@ class GenerationMixin:
         new: list[Tensor] = []
         final_state = state
         for token, st in self.stream(
-            prompt_ids, max_new_tokens, temperature, top_k, top_p, state, eos_token_id, generator,
+            prompt_ids,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            state,
+            eos_token_id,
+            generator,
             feed_last=return_state,
         ):
             final_state = st

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -39,8 +39,14 @@ class MMRecBlock(nn.Module):
         )
         x = x + y
         x = x + self.mlp(self.norm3(x))
-        new = {"short": short, "conv": conv, "memory": memory, "summaries": summaries,
-               "sequence": sequence, "pending": pending}
+        new = {
+            "short": short,
+            "conv": conv,
+            "memory": memory,
+            "summaries": summaries,
+            "sequence": sequence,
+            "pending": pending,
+        }
         return x, new
 
 
@@ -59,12 +65,17 @@ class MMRecLM(nn.Module, GenerationMixin):
         self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.reset_parameters()
 
+    @property
+    def layers(self) -> list[MMRecBlock]:
+        """The blocks, typed (iterating an nn.ModuleList yields plain Modules)."""
+        return cast(list[MMRecBlock], list(self.blocks))
+
     def reset_parameters(self) -> None:
         std = self.config.init_std
         for name, p in self.named_parameters():
             if p.dim() == 2 and "memory_init" not in name:
                 nn.init.normal_(p, 0.0, std)
-        for block in self.blocks:
+        for block in self.layers:
             # GPT-2: residual projections scaled down by depth.
             for lin in (block.short_term.out, block.memory.out, block.mlp.w2):
                 nn.init.normal_(lin.weight, 0.0, std / math.sqrt(2 * self.config.n_layers))
@@ -90,7 +101,7 @@ class MMRecLM(nn.Module, GenerationMixin):
         L, d, dm = c.n_layers, c.d_model, c.d_mem
         assert dm is not None
         zeros = lambda *shape: torch.zeros(*shape, dtype=acc, device=dev)  # noqa: E731
-        memory = torch.stack([blk.memory.memory_init.to(acc) for blk in self.blocks])  # [L, S, dm]
+        memory = torch.stack([blk.memory.memory_init.to(acc) for blk in self.layers])  # [L, S, dm]
         return MMRecState(
             position=0,
             short=zeros(L, B, c.n_heads, c.head_dim, c.head_dim),
@@ -103,7 +114,9 @@ class MMRecLM(nn.Module, GenerationMixin):
 
     def check_state(self, state: Any, batch_size: int) -> MMRecState:
         if not isinstance(state, MMRecState):
-            raise StateError(f"state must be an MMRecState (from init_state or a forward output), got {type(state).__name__}")
+            raise StateError(
+                f"state must be an MMRecState (from init_state or a forward output), got {type(state).__name__}"
+            )
         if state.batch_size != batch_size:
             raise StateError(f"state holds {state.batch_size} stream(s) but input_ids has batch size {batch_size}")
         c = self.config
@@ -133,7 +146,7 @@ class MMRecLM(nn.Module, GenerationMixin):
         state = self.init_state(B) if state is None else self.check_state(state, B)
         x = self.embed(ids)  # [B, T, d]
         per_layer: list[dict[str, Tensor]] = []
-        for i, block in enumerate(self.blocks):
+        for i, block in enumerate(self.layers):
             st = {name: t[i] for name, t in state.tensors().items()}
             x, new = block(x, st, state.position)
             per_layer.append(new)

@@ -19,9 +19,7 @@ class LMOutput:
 
 def lm_loss(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
     """Mean cross-entropy in nats, computed in float32 whatever the logits' dtype."""
-    return F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=ignore_index
-    )
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=ignore_index)
 
 
 def check_input_ids(input_ids: Any, vocab_size: int) -> Tensor:
@@ -38,5 +36,7 @@ def check_input_ids(input_ids: Any, vocab_size: int) -> Tensor:
         lo, hi = int(input_ids.min()), int(input_ids.max())
         if lo < 0 or hi >= vocab_size:
             bad = lo if lo < 0 else hi
-            raise ValueError(f"token id {bad} is out of range for vocab_size {vocab_size} (ids must be 0..{vocab_size - 1})")
+            raise ValueError(
+                f"token id {bad} is out of range for vocab_size {vocab_size} (ids must be 0..{vocab_size - 1})"
+            )
     return input_ids.long()

@@ -30,9 +30,7 @@ class TensorState:
 
     def tensors(self) -> dict[str, Tensor]:
         return {
-            f.name: getattr(self, f.name)
-            for f in dataclasses.fields(self)
-            if isinstance(getattr(self, f.name), Tensor)
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), Tensor)
         }
 
     def _replace(self, fn: Any) -> Any:
@@ -86,9 +84,7 @@ class TensorState:
             saved = json.loads(meta["config"])
             diff = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
             if diff:
-                raise StateError(
-                    f"{path} was saved by a model with another config (differs in: {', '.join(diff)})"
-                )
+                raise StateError(f"{path} was saved by a model with another config (differs in: {', '.join(diff)})")
         return cls._from_tensors(int(meta["position"]), tensors)
 
     @classmethod

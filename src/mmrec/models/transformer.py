@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -40,7 +40,10 @@ class Attention(nn.Module):
         v = torch.cat([values.to(v.dtype), v], dim=2)
         o = causal_attention(q, k, v, self.cfg.window)
         if self.cfg.window is not None:  # later tokens never need more than window - 1 past keys
-            k, v = k[:, :, max(0, k.size(2) - (self.cfg.window - 1)) :], v[:, :, max(0, v.size(2) - (self.cfg.window - 1)) :]
+            k, v = (
+                k[:, :, max(0, k.size(2) - (self.cfg.window - 1)) :],
+                v[:, :, max(0, v.size(2) - (self.cfg.window - 1)) :],
+            )
         return self.out(o.transpose(1, 2).reshape(B, T, d)), k, v
 
 
@@ -48,8 +51,10 @@ class TransformerBlock(nn.Module):
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
         assert cfg.d_ff is not None
-        norm = (lambda: nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)) if cfg.preset == "gpt" else (
-            lambda: nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        norm = (
+            (lambda: nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps))
+            if cfg.preset == "gpt"
+            else (lambda: nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps))
         )
         self.norm1, self.norm2 = norm(), norm()
         self.attn = Attention(cfg)
@@ -71,10 +76,16 @@ class TransformerLM(nn.Module, GenerationMixin):
         assert config.max_seq_len is not None
         self.pos_embed = nn.Embedding(config.max_seq_len, config.d_model) if config.preset == "gpt" else None
         self.blocks = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
-        self.norm = nn.LayerNorm(config.d_model, eps=config.norm_eps) if config.preset == "gpt" else nn.RMSNorm(
-            config.d_model, eps=config.norm_eps
+        self.norm = (
+            nn.LayerNorm(config.d_model, eps=config.norm_eps)
+            if config.preset == "gpt"
+            else nn.RMSNorm(config.d_model, eps=config.norm_eps)
         )
         self.reset_parameters()
+
+    @property
+    def layers(self) -> list[TransformerBlock]:
+        return cast(list[TransformerBlock], list(self.blocks))
 
     def reset_parameters(self) -> None:
         std = self.config.init_std
@@ -84,8 +95,9 @@ class TransformerLM(nn.Module, GenerationMixin):
         for m in self.modules():
             if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
-        for block in self.blocks:
-            w2 = block.mlp.fc2 if isinstance(block.mlp, GeluMLP) else block.mlp.w2
+        for block in self.layers:
+            mlp = block.mlp
+            w2 = mlp.fc2 if isinstance(mlp, GeluMLP) else cast(SwiGLU, mlp).w2
             for lin in (block.attn.out, w2):
                 nn.init.normal_(lin.weight, 0.0, std / math.sqrt(2 * self.config.n_layers))
 
@@ -108,7 +120,9 @@ class TransformerLM(nn.Module, GenerationMixin):
     def check_state(self, state: Any, batch_size: int) -> KVCache:
         c = self.config
         if not isinstance(state, KVCache):
-            raise StateError(f"state must be a KVCache (from init_state or a forward output), got {type(state).__name__}")
+            raise StateError(
+                f"state must be a KVCache (from init_state or a forward output), got {type(state).__name__}"
+            )
         if state.batch_size != batch_size:
             raise StateError(f"state holds {state.batch_size} stream(s) but input_ids has batch size {batch_size}")
         for name, t in state.tensors().items():
@@ -137,7 +151,7 @@ class TransformerLM(nn.Module, GenerationMixin):
                 )
             x = x + self.pos_embed(torch.arange(start, start + T, device=ids.device))
         keys, values = [], []
-        for i, block in enumerate(self.blocks):
+        for i, block in enumerate(self.layers):
             x, k, v = block(x, state.keys[i], state.values[i], start)
             keys.append(k)
             values.append(v)

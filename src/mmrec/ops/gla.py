@@ -34,9 +34,7 @@ def _initial_state(q: Tensor, v: Tensor, state: Tensor | None) -> Tensor:
     return state.to(acc)
 
 
-def gla_naive(
-    q: Tensor, k: Tensor, v: Tensor, log_g: Tensor, state: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
+def gla_naive(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Reference: the recurrence one token at a time. Returns (o, final state)."""
     S = _initial_state(q, v, state)
     acc = S.dtype
@@ -51,9 +49,7 @@ def gla_naive(
     return torch.stack(outs, dim=2).to(v.dtype), S
 
 
-def gla_step(
-    q: Tensor, k: Tensor, v: Tensor, log_g: Tensor, state: Tensor
-) -> tuple[Tensor, Tensor]:
+def gla_step(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
     """One decoding step. q, k [B, H, dk]; v [B, H, dv]; log_g [B, H]."""
     acc = accumulation_dtype(v.dtype)
     with torch.autocast(device_type=v.device.type, enabled=False):
@@ -105,10 +101,8 @@ def gla_chunked(
     # Each chunk's own contribution to the state at its end.
     to_end = decay[..., -1, :]  # [B, H, n, C] = exp(sum_{j<m<=C-1} g_m)
     dS = (kc * to_end.unsqueeze(-1).to(kc.dtype)).transpose(-1, -2) @ vc  # [B, H, n, dk, dv]
-    entering, final = linear_scan(
-        g.sum(-1), dS.reshape(B, H, n, dk * dv), S0.reshape(B, H, dk * dv), scan_block
-    )
-    entering = entering.view(B, H, n, dk, dv)
+    entering, final = linear_scan(g.sum(-1), dS.reshape(B, H, n, dk * dv), S0.reshape(B, H, dk * dv), scan_block)
+    entering = entering.reshape(B, H, n, dk, dv)
 
     with torch.autocast(device_type=v.device.type, enabled=False):
         q_decay = torch.exp(g.cumsum(-1)).unsqueeze(-1)  # [B, H, n, C, 1]

@@ -55,9 +55,7 @@ def linear_scan_naive(log_a: Tensor, x: Tensor, h0: Tensor) -> tuple[Tensor, Ten
     return torch.stack(entering, dim=2), h
 
 
-def linear_scan(
-    log_a: Tensor, x: Tensor, h0: Tensor, block_size: int = 16
-) -> tuple[Tensor, Tensor]:
+def linear_scan(log_a: Tensor, x: Tensor, h0: Tensor, block_size: int = 16) -> tuple[Tensor, Tensor]:
     """Blocked parallel scan with the same contract as :func:`linear_scan_naive`.
 
     Inside a block of ``block_size`` steps the recurrence is one matrix product
@@ -73,23 +71,30 @@ def linear_scan(
         L = max(1, min(block_size, N))
         nb = -(-N // L)
         pad = nb * L - N
-        la = F.pad(log_a.to(acc), (0, pad)).view(B, H, nb, L)
-        xb = F.pad(x.to(acc), (0, 0, 0, pad)).view(B, H, nb, L, D)
+        la, xb = log_a.to(acc), x.to(acc)
+        if pad:  # padded steps: decay 1, no input
+            la, xb = F.pad(la, (0, pad)), F.pad(xb, (0, 0, 0, pad))
+        la = la.view(B, H, nb, L)
+        xb = xb.view(B, H, nb, L, D)
 
-        decay = torch.exp(segsum(la))  # [B, H, nb, L, L]
-        inner = decay @ xb  # [B, H, nb, L, D] states reached from a zero start
-        cum = la.cumsum(-1)  # [B, H, nb, L]
-        block_decay = torch.exp(cum[..., -1])  # [B, H, nb]
+        seg = segsum(la)  # [B, H, nb, L, L]: sum_{j<m<=i} la_m
+        # Exclusive factors: the state entering step i holds x_j (j < i) decayed by sum_{j<m<i}.
+        seg_excl = F.pad(seg[..., :-1, :], (0, 0, 1, 0), value=float("-inf"))
+        inner = torch.exp(seg_excl) @ xb  # [B, H, nb, L, D] states entering each step, from a zero start
+        ends = (torch.exp(seg[..., -1:, :]) @ xb).squeeze(-2)  # [B, H, nb, D] block-end states
+        cum_excl = F.pad(la[..., :-1], (1, 0)).cumsum(-1)  # [B, H, nb, L]: sum_{m<i}
+        block_decay = la.sum(-1, keepdim=True)  # [B, H, nb, 1]
 
+        # Unbind once: indexing inside the loop would make backward zero-fill
+        # a full-size gradient per block.
+        ends_b, decay_b = ends.unbind(2), torch.exp(block_decay).unbind(2)
         h = h0.to(acc)
         starts = []
         for b in range(nb):
             starts.append(h)
-            h = block_decay[:, :, b, None] * h + inner[:, :, b, -1]
+            h = decay_b[b] * h + ends_b[b]
         start = torch.stack(starts, dim=2)  # [B, H, nb, D]
 
-        # Inclusive states: inner part plus the decayed block start.
-        incl = inner + torch.exp(cum).unsqueeze(-1) * start.unsqueeze(3)
-        incl = incl.reshape(B, H, nb * L, D)[:, :, :N]
-        entering = torch.cat([h0.to(acc).unsqueeze(2), incl[:, :, : N - 1]], dim=2)
-        return entering, incl[:, :, N - 1]
+        entering = inner + torch.exp(cum_excl).unsqueeze(-1) * start.unsqueeze(3)
+        entering = entering.view(B, H, nb * L, D)
+        return (entering[:, :, :N] if pad else entering), h

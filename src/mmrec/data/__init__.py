@@ -1,0 +1,1 @@
+"""Text sources, tokenised shards and batching for training and evaluation."""

@@ -1,0 +1,1 @@
+"""Process-level helpers: devices, the CPU allocator, logging."""
