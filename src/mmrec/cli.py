@@ -14,13 +14,114 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def train_config_from_args(args: argparse.Namespace) -> object:
+    from mmrec.cliargs import build_config, load_config_file
+    from mmrec.train.config import TrainConfig
+
+    file_values = load_config_file(args.config) if args.config else {}
+    return build_config(TrainConfig, args, file_values)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from mmrec.train.trainer import main_entry
+
+    return main_entry(train_config_from_args(args))  # type: ignore[arg-type]
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from mmrec.data.prepare import prepare_dataset
+    from mmrec.data.sources import parse_source, resolve_sources
+    from mmrec.tokenizer import load_tokenizer
+
+    specs = resolve_sources([parse_source(s) for s in (args.data or ["builtin"])])
+    for spec in specs:
+        spec.text_field = args.text_field
+    tok = load_tokenizer(args.tokenizer)
+    manifest = prepare_dataset(specs, tok, args.out, val_fraction=args.val_fraction)
+    total_bytes = sum(s["train"]["n_bytes"] + s["val"]["n_bytes"] for s in manifest["sources"].values())
+    seconds = max(manifest["prepare_seconds"], 1e-9)
+    print(
+        f"prepared {len(specs)} source(s) into {args.out}: {total_bytes / 1e6:,.1f} MB of text in "
+        f"{seconds:.1f}s ({total_bytes / 1e6 / seconds:,.1f} MB/s)"
+    )
+    for name, src in manifest["sources"].items():
+        train, val = src["train"], src["val"]
+        print(
+            f"  {name}: train {train['n_docs']:,} docs / {train['n_tokens']:,} tokens, "
+            f"val {val['n_docs']:,} docs / {val['n_tokens']:,} tokens; skipped: {src.get('skipped', {})}"
+        )
+    return 0
+
+
+def _tokenizer_train(args: argparse.Namespace) -> int:
+    from mmrec.data.sources import SkipStats, iter_documents, parse_source, resolve_sources
+    from mmrec.tokenizer import train_bpe
+
+    specs = resolve_sources([parse_source(s) for s in (args.data or ["builtin"])])
+    stats = SkipStats()
+
+    def texts() -> object:
+        seen = 0
+        for spec in specs:
+            spec.text_field = args.text_field
+            for _, text in iter_documents(spec, stats):
+                yield text
+                seen += len(text.encode("utf-8", "surrogatepass"))
+                if args.max_bytes and seen >= args.max_bytes:
+                    return
+
+    tok = train_bpe(texts(), vocab_size=args.vocab_size, min_frequency=args.min_frequency)  # type: ignore[arg-type]
+    tok.save(args.out)
+    print(
+        f"trained a byte-level BPE tokenizer of {tok.vocab_size:,} tokens on {stats.documents:,} documents; "
+        f"saved {args.out} (id {tok.id})"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from mmrec.cliargs import add_dataclass_arguments
+    from mmrec.train.config import TrainConfig
+
     parser = argparse.ArgumentParser(
         prog="mmrec",
         description="MM-Rec: long-context language modelling with a dual memory.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+
+    train = sub.add_parser(
+        "train",
+        help="train MM-Rec or a Transformer baseline (default: MM-Rec on the built-in corpus)",
+        description="Train by next-token prediction. Options come from --config (YAML or JSON) and are "
+        "overridden by flags; the merged config is saved as config.json in the run directory.",
+    )
+    train.add_argument("--config", default=None, help="YAML or JSON file of options (flags override it)")
+    add_dataclass_arguments(train, TrainConfig)
+    train.set_defaults(func=_train)
+
+    data = sub.add_parser("data", help="prepare training data")
+    data_sub = data.add_subparsers(dest="data_command", metavar="ACTION")
+    data_sub.required = True
+    prep = data_sub.add_parser("prepare", help="tokenize sources once into memory-mapped shards with a manifest")
+    prep.add_argument("--data", action="append", help="source (repeatable); default: the built-in corpus")
+    prep.add_argument("--out", required=True, help="output folder")
+    prep.add_argument("--tokenizer", default="byte", help="'byte' or a tokenizer.json (default: byte)")
+    prep.add_argument("--text-field", default="text", help="text field of JSONL/Parquet/HF sources")
+    prep.add_argument("--val-fraction", type=float, default=0.02, help="validation share (default: 0.02)")
+    prep.set_defaults(func=_prepare)
+
+    tok = sub.add_parser("tokenizer", help="tokenizers")
+    tok_sub = tok.add_subparsers(dest="tokenizer_command", metavar="ACTION")
+    tok_sub.required = True
+    tt = tok_sub.add_parser("train", help="train a byte-level BPE tokenizer locally (Hugging Face tokenizers)")
+    tt.add_argument("--data", action="append", help="source (repeatable); default: the built-in corpus")
+    tt.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size (default: 8192)")
+    tt.add_argument("--min-frequency", type=int, default=2, help="minimum pair frequency (default: 2)")
+    tt.add_argument("--max-bytes", type=int, default=0, help="stop reading after this many bytes (0: all)")
+    tt.add_argument("--text-field", default="text", help="text field of JSONL/Parquet/HF sources")
+    tt.add_argument("--out", required=True, help="tokenizer.json to write")
+    tt.set_defaults(func=_tokenizer_train)
 
     demo = sub.add_parser("demo", help="stream the built-in text through a fresh MM-Rec; show constant state")
     demo.add_argument("--tokens", type=int, default=65536, help="tokens to stream (default: %(default)s)")
@@ -32,14 +133,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    from mmrec.config import ConfigError
+    from mmrec.models.state import StateError
     from mmrec.utils.cpu import tune_glibc_malloc
 
+    parser = build_parser()
+    args = parser.parse_args(argv)
     tune_glibc_malloc()
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
+    except (ConfigError, StateError, FileNotFoundError, ValueError) as e:
+        # DataError and tokenizer errors are ValueErrors with messages written for people.
+        print(f"mmrec {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -6,6 +6,7 @@ download: real code with English docstrings and comments, ~30 MB.
 
 from __future__ import annotations
 
+import os
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +21,11 @@ def stdlib_root() -> Path:
 def builtin_files() -> list[Path]:
     """The standard library's .py files in a fixed order (site-packages excluded)."""
     root = stdlib_root()
-    files = [p for p in root.rglob("*.py") if "site-packages" not in p.relative_to(root).parts]
+    files = []
+    for folder, dirs, names in os.walk(root):
+        # Prune while walking: site-packages can be far larger than the library itself.
+        dirs[:] = [d for d in dirs if d not in ("site-packages", "dist-packages", "__pycache__")]
+        files.extend(Path(folder) / n for n in names if n.endswith(".py"))
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 

@@ -1,0 +1,673 @@
+"""Tokenise text sources once into memory-mappable shards, and load them back.
+
+Training reads token ids at random positions many times over, so text is
+tokenised up front into flat binary files that ``numpy.memmap`` reads with no
+parsing and no copy. Layout of a prepared dataset directory::
+
+    manifest.json              what was prepared, from what, with which tokenizer; sizes and sha256 of every file
+    tokenizer.json             the tokenizer used (``mmrec.tokenizer.load_tokenizer`` reads it)
+    <source>/train.tokens.bin  token ids of the training documents, concatenated (little-endian uint16 or uint32)
+    <source>/train.offsets.bin int64, n_docs + 1 entries: document i is tokens[off[i]:off[i + 1]]
+    <source>/val.tokens.bin    the same for validation documents
+    <source>/val.offsets.bin
+
+Documents are stored without end-of-text tokens; the loader adds them where
+it joins documents. Mixture weights are not baked in (they are applied when
+sampling), so one prepared dataset serves any mixture of its sources.
+
+The train/validation split is per document and follows from a hash of the
+document id alone (``split_of``): re-running on the same inputs, or adding
+sources, never moves a document between splits. Every source gets
+validation data: if no document of a source hashes into validation, its
+``min_val_docs`` documents with the smallest hashes (those closest to the
+cut) are moved there, keeping at least one training document; a source with
+a single document has that document's tokens split instead, the last
+``val_fraction`` of them (at least 64 tokens, or half the document if it is
+shorter than 128 tokens) going to validation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from array import array
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmrec.data.builtin import stdlib_root
+from mmrec.data.sources import DataError, SkipStats, SourceSpec, iter_documents, resolve_sources, source_files
+from mmrec.tokenizer import ByteTokenizer, tokenizer_id
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "val")
+MANIFEST = "manifest.json"
+# Documents are tokenised in batches of up to this many documents or bytes (one call to encode_batch each).
+BATCH_DOCS = 512
+BATCH_BYTES = 4 << 20
+# Tokens held out from a single-document source: this many at least, when the document has twice as many.
+MIN_SPLIT_VAL_TOKENS = 64
+_COPY_CHUNK = 1 << 24
+_HASH_CHUNK = 1 << 22
+
+
+def _doc_hash(doc_id: str) -> int:
+    """First 8 bytes of sha256(doc_id), as an unsigned int: uniform, and the same on every machine."""
+    return int.from_bytes(hashlib.sha256(doc_id.encode("utf-8", "surrogatepass")).digest()[:8], "big")
+
+
+def _is_val(h: int, val_fraction: float) -> bool:
+    return h / 2**64 < val_fraction
+
+
+def split_of(doc_id: str, val_fraction: float) -> str:
+    """``"val"`` for about ``val_fraction`` of document ids, ``"train"`` for the rest; depends on the id only."""
+    return "val" if _is_val(_doc_hash(doc_id), val_fraction) else "train"
+
+
+def _tok_id(tokenizer: Any) -> str:
+    tid = getattr(tokenizer, "id", None)
+    return tid if isinstance(tid, str) else tokenizer_id(tokenizer)
+
+
+def _check_settings(val_fraction: float, min_val_docs: int) -> None:
+    if not (isinstance(val_fraction, int | float) and 0 <= val_fraction < 1):
+        raise DataError(f"val_fraction must be a number in [0, 1), got {val_fraction!r}")
+    if not isinstance(min_val_docs, int) or min_val_docs < 0:
+        raise DataError(f"min_val_docs must be an int >= 0, got {min_val_docs!r}")
+
+
+def dataset_fingerprint(specs: list[SourceSpec], tokenizer: Any, val_fraction: float, *, min_val_docs: int = 1) -> str:
+    """16 hex digits naming what ``prepare_dataset`` would produce, for caching prepared data.
+
+    Covers the sources (absolute path, name, text field, and the relative
+    path, size and modification time of every file, so edited data is
+    prepared again; the Python version and library path for the built-in
+    corpus), the tokenizer id, the split settings and the format
+    version. Mixture weights are left out: they are applied at sampling
+    time, so changing them reuses the same prepared data.
+    """
+    _check_settings(val_fraction, min_val_docs)
+    items = []
+    for spec in resolve_sources(specs):
+        item: dict[str, Any] = {"name": spec.name, "text_field": spec.text_field}
+        files: list[tuple[Path, str]] = []
+        if spec.is_builtin:
+            # The built-in corpus is fixed by the Python installation; listing it would take most of a second.
+            item["path"] = "builtin"
+            item["python"] = [sys.version, str(stdlib_root())]
+        elif spec.is_hf:
+            item["path"] = spec.path
+        else:
+            item["path"] = os.path.abspath(spec.path)
+            files = source_files(spec)
+        listing = []
+        for p, rel in files:
+            try:
+                st = p.stat()
+                listing.append([rel, st.st_size, st.st_mtime_ns])
+            except OSError:
+                listing.append([rel, -1, -1])
+        item["files"] = listing
+        items.append(item)
+    payload = {
+        "format_version": FORMAT_VERSION,
+        "tokenizer": _tok_id(tokenizer),
+        "val_fraction": float(val_fraction),
+        "min_val_docs": min_val_docs,
+        "sources": items,
+    }
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class Manifest(dict[str, Any]):
+    """Contents of ``manifest.json``: a dict (exactly what is written) with typed shortcuts.
+
+    Keys: ``format_version``, ``mmrec_version``, ``created`` (UTC, ISO 8601),
+    ``fingerprint``, ``tokenizer`` (``id``, ``name``, ``vocab_size``),
+    ``val_fraction``, ``min_val_docs``, ``n_bytes``, ``n_tokens``,
+    ``prepare_seconds``, ``bytes_per_second`` and ``sources``: name ->
+    ``name``, ``path``, ``text_field``, ``weight`` (as given when preparing;
+    informational), ``skipped`` (``SkipStats`` counts), ``moved_to_val``,
+    ``split_document``, and ``train`` / ``val``: ``n_docs``, ``n_tokens``,
+    ``n_bytes`` (UTF-8 bytes of the text), ``dtype`` and ``files``
+    (``tokens`` / ``offsets``: ``name``, ``size``, ``sha256``).
+    """
+
+    path: Path | None = None
+
+    @property
+    def sources(self) -> dict[str, dict[str, Any]]:
+        return dict(self["sources"])
+
+    @property
+    def tokenizer_id(self) -> str:
+        return str(self["tokenizer"]["id"])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self["tokenizer"]["vocab_size"])
+
+    @property
+    def n_bytes(self) -> int:
+        """UTF-8 bytes of text prepared, all sources and splits."""
+        return int(self["n_bytes"])
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self["n_tokens"])
+
+    @property
+    def prepare_seconds(self) -> float:
+        return float(self["prepare_seconds"])
+
+    @property
+    def bytes_per_second(self) -> float:
+        """Preparation throughput: ``n_bytes / prepare_seconds``."""
+        return float(self["bytes_per_second"])
+
+
+def _token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype("<u2") if vocab_size <= 65536 else np.dtype("<u4")
+
+
+_DTYPE_NAMES: dict[str, np.dtype[Any]] = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
+
+
+def _dtype_name(dtype: np.dtype) -> str:
+    return "uint16" if dtype.itemsize == 2 else "uint32"
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class _SplitWriter:
+    """Appends the documents of one split of one source to its tokens file; keeps offsets in memory."""
+
+    def __init__(self, directory: Path, split: str, dtype: np.dtype) -> None:
+        self.split = split
+        self.dtype = dtype
+        self.tokens_path = directory / f"{split}.tokens.bin"
+        self.offsets_path = directory / f"{split}.offsets.bin"
+        self.offsets = array("q", [0])
+        self.hashes = array("Q")
+        self.doc_bytes = array("q")
+        self._file = self.tokens_path.open("wb")
+
+    @property
+    def n_docs(self) -> int:
+        return len(self.hashes)
+
+    def add(self, docs: list[np.ndarray], hashes: list[int], n_bytes: list[int]) -> None:
+        if not docs:
+            return
+        end = self.offsets[-1]
+        for d in docs:
+            end += len(d)
+            self.offsets.append(end)
+        self.hashes.extend(hashes)
+        self.doc_bytes.extend(n_bytes)
+        np.concatenate(docs).astype(self.dtype, copy=False).tofile(self._file)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def reopen(self) -> None:
+        self._file = self.tokens_path.open("ab")
+
+    def read_tokens(self) -> np.ndarray:
+        if self.offsets[-1] == 0:
+            return np.zeros(0, self.dtype)
+        return np.memmap(self.tokens_path, dtype=self.dtype, mode="r")
+
+    def remove(self, indices: list[int]) -> list[tuple[np.ndarray, int, int]]:
+        """Take documents out (the file is rewritten without them); returns their (tokens, hash, bytes)."""
+        gone = sorted(set(indices))
+        tokens = self.read_tokens()
+        off = np.frombuffer(self.offsets, dtype=np.int64)
+        taken = [(np.array(tokens[off[i] : off[i + 1]]), self.hashes[i], self.doc_bytes[i]) for i in gone]
+        keep = np.ones(self.n_docs, dtype=bool)
+        keep[gone] = False
+        tmp = self.tokens_path.with_suffix(".rewrite")
+        with tmp.open("wb") as f:
+            start = 0
+            for i in [*gone, self.n_docs]:
+                a, b = int(off[start]), int(off[i])
+                for c in range(a, b, _COPY_CHUNK):
+                    np.asarray(tokens[c : min(b, c + _COPY_CHUNK)]).tofile(f)
+                start = i + 1
+        del tokens
+        os.replace(tmp, self.tokens_path)
+        lengths = np.diff(off)[keep]
+        self.offsets = array("q", [0, *np.cumsum(lengths).tolist()])
+        self.hashes = array("Q", [h for h, k in zip(self.hashes, keep, strict=True) if k])
+        self.doc_bytes = array("q", [n for n, k in zip(self.doc_bytes, keep, strict=True) if k])
+        return taken
+
+    def finish(self) -> dict[str, Any]:
+        self.close()
+        np.asarray(self.offsets, dtype="<i8").tofile(self.offsets_path)
+        return {
+            "n_docs": self.n_docs,
+            "n_tokens": int(self.offsets[-1]),
+            "n_bytes": int(sum(self.doc_bytes)),
+            "dtype": _dtype_name(self.dtype),
+            "files": {
+                kind: {"name": p.name, "size": p.stat().st_size, "sha256": _sha256_file(p)}
+                for kind, p in (("tokens", self.tokens_path), ("offsets", self.offsets_path))
+            },
+        }
+
+
+def _encode(tokenizer: Any, texts: list[str]) -> list[np.ndarray]:
+    """Token ids of each text as an array; the byte tokenizer skips Python int lists entirely."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8) for t in texts]
+    if hasattr(tokenizer, "encode_batch"):
+        batch = tokenizer.encode_batch(texts)
+    else:
+        batch = [tokenizer.encode(t) for t in texts]
+    return [np.asarray(ids, dtype=np.int64) for ids in batch]
+
+
+class _Progress:
+    """tqdm over documents (stderr) with MB/s; does nothing when disabled or tqdm is missing."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.bar: Any = None
+        self.start = time.perf_counter()
+        self.bytes = 0
+        if enabled:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                return
+            self.bar = tqdm(unit="doc", file=sys.stderr, dynamic_ncols=True, desc="prepare")
+
+    def update(self, name: str, docs: int, n_bytes: int) -> None:
+        self.bytes += n_bytes
+        if self.bar is not None:
+            rate = self.bytes / max(time.perf_counter() - self.start, 1e-9) / 1e6
+            self.bar.set_postfix_str(f"{name}, {self.bytes / 1e6:.1f} MB, {rate:.1f} MB/s", refresh=False)
+            self.bar.update(docs)
+
+    def write(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _prepare_source(
+    spec: SourceSpec,
+    tokenizer: Any,
+    directory: Path,
+    dtype: np.dtype,
+    vocab_size: int,
+    val_fraction: float,
+    min_val_docs: int,
+    progress: _Progress,
+) -> dict[str, Any]:
+    assert spec.name is not None
+    directory.mkdir()
+    stats = SkipStats()
+    writers = {s: _SplitWriter(directory, s, dtype) for s in SPLITS}
+    ids: list[str] = []
+    texts: list[str] = []
+    pending = 0
+
+    def flush() -> None:
+        arrays = _encode(tokenizer, texts)
+        parts: dict[str, tuple[list[np.ndarray], list[int], list[int]]] = {s: ([], [], []) for s in SPLITS}
+        total = 0
+        for doc_id, text, arr in zip(ids, texts, arrays, strict=True):
+            if arr.size and int(arr.max()) >= vocab_size:
+                raise DataError(f"the tokenizer produced id {int(arr.max())} >= its vocab_size {vocab_size}")
+            h = _doc_hash(doc_id)
+            n = len(text.encode("utf-8"))
+            total += n
+            docs, hashes, sizes = parts["val" if _is_val(h, val_fraction) else "train"]
+            docs.append(arr)
+            hashes.append(h)
+            sizes.append(n)
+        for s in SPLITS:
+            writers[s].add(*parts[s])
+        progress.update(spec.name or "", len(texts), total)
+        ids.clear()
+        texts.clear()
+
+    for doc_id, text in iter_documents(spec, stats):
+        ids.append(doc_id)
+        texts.append(text)
+        pending += len(text)
+        if len(texts) >= BATCH_DOCS or pending >= BATCH_BYTES:
+            flush()
+            pending = 0
+    if texts:
+        flush()
+    for w in writers.values():
+        w.close()
+
+    train, val = writers["train"], writers["val"]
+    total_docs = train.n_docs + val.n_docs
+    if total_docs == 0:
+        raise DataError(
+            f"source {spec.name!r} ({spec.path}) has no documents left after skipping bad inputs: {stats.summary()}. "
+            "Check the path and the text field, or drop this source."
+        )
+    moved_to_val = 0
+    split_document = False
+    if total_docs == 1:
+        split_document = min_val_docs > 0
+        _split_single_document(train, val, tokenizer, val_fraction, spec, keep_whole=not split_document)
+    else:
+        if train.n_docs == 0:
+            # Everything hashed into validation (tiny source, large val_fraction): train on the largest hash.
+            last = max(range(val.n_docs), key=lambda i: val.hashes[i])
+            _move(val, train, [last])
+        short = min(min_val_docs - val.n_docs, train.n_docs - 1)
+        if short > 0:
+            nearest = heapq.nsmallest(short, range(train.n_docs), key=lambda i: train.hashes[i])
+            _move(train, val, nearest)
+            moved_to_val = short
+    progress.write(f"{spec.name}: {stats.summary()}")
+    return {
+        "name": spec.name,
+        "path": spec.path,
+        "text_field": spec.text_field,
+        "weight": spec.weight,
+        "skipped": stats.to_dict(),
+        "moved_to_val": moved_to_val,
+        "split_document": split_document,
+        **{s: writers[s].finish() for s in SPLITS},
+    }
+
+
+def _move(src: _SplitWriter, dst: _SplitWriter, indices: list[int]) -> None:
+    taken = src.remove(indices)
+    dst.reopen()
+    dst.add([t for t, _, _ in taken], [h for _, h, _ in taken], [n for _, _, n in taken])
+    dst.close()
+
+
+def _split_single_document(
+    train: _SplitWriter,
+    val: _SplitWriter,
+    tokenizer: Any,
+    val_fraction: float,
+    spec: SourceSpec,
+    keep_whole: bool,
+) -> None:
+    """Give a one-document source both splits: its first tokens train, its last ones validate."""
+    holder = train if train.n_docs else val
+    ((tokens, h, n_bytes),) = holder.remove([0])
+    n = len(tokens)
+    if keep_whole:
+        train.reopen()
+        train.add([tokens], [h], [n_bytes])
+        train.close()
+        return
+    if n < 2:
+        raise DataError(
+            f"source {spec.name!r} ({spec.path}) is a single document of {n} token, too short to hold out "
+            "validation data: add more text, or prepare with min_val_docs=0"
+        )
+    n_val = min(n - 1, max(math.ceil(n * val_fraction), min(MIN_SPLIT_VAL_TOKENS, n // 2), 1))
+    head, tail = tokens[: n - n_val], tokens[n - n_val :]
+    token_bytes = getattr(tokenizer, "token_bytes", None)
+    if token_bytes is not None:
+        table = np.asarray(token_bytes(), dtype=np.int64)
+        tail_bytes = int(table[tail].sum())
+    else:
+        tail_bytes = round(n_bytes * n_val / n)
+    for w, part, nb in ((train, head, n_bytes - tail_bytes), (val, tail, tail_bytes)):
+        w.reopen()
+        w.add([part], [h], [nb])
+        w.close()
+
+
+def _replace_dir(new: Path, out: Path) -> None:
+    """Put ``new`` at ``out``; an existing ``out`` stays whole until ``new`` is complete and renamed."""
+    if out.exists():
+        old = out.with_name(f"{out.name}.old-{os.getpid()}")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(out, old)
+        os.replace(new, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, out)
+
+
+def prepare_dataset(
+    specs: list[SourceSpec],
+    tokenizer: Any,
+    out_dir: str | Path,
+    val_fraction: float = 0.02,
+    progress: bool = True,
+    min_val_docs: int = 1,
+) -> Manifest:
+    """Tokenise every source into ``out_dir`` (layout in the module docstring) and return its manifest.
+
+    All sources are checked before any tokenising. The dataset is built in
+    ``<out_dir>.tmp-<pid>`` and renamed into place only when complete, so an
+    interrupted run never leaves a half-written dataset at ``out_dir`` and an
+    existing one is replaced only by a complete one. A directory at
+    ``out_dir`` that is neither empty nor a prepared dataset is refused
+    rather than replaced.
+    """
+    start = time.perf_counter()
+    _check_settings(val_fraction, min_val_docs)
+    resolved = resolve_sources(list(specs))
+    # Absolute, so that "." or "data/" still have a name for the temporary sibling directory.
+    out = Path(os.path.abspath(out_dir))
+    if out.exists() and not (out / MANIFEST).is_file() and (not out.is_dir() or any(out.iterdir())):
+        raise DataError(
+            f"{out} exists and is not a prepared dataset (no {MANIFEST}); it will not be replaced. "
+            "Choose a new or empty directory."
+        )
+    vocab_size = int(tokenizer.vocab_size)
+    dtype = _token_dtype(vocab_size)
+    fingerprint = dataset_fingerprint(resolved, tokenizer, val_fraction, min_val_docs=min_val_docs)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    bar = _Progress(progress)
+    try:
+        entries = [
+            _prepare_source(spec, tokenizer, tmp / str(spec.name), dtype, vocab_size, val_fraction, min_val_docs, bar)
+            for spec in resolved
+        ]
+        bar.close()
+        if hasattr(tokenizer, "save"):
+            tokenizer.save(tmp / "tokenizer.json")
+        import mmrec
+
+        seconds = time.perf_counter() - start
+        n_bytes = sum(e[s]["n_bytes"] for e in entries for s in SPLITS)
+        manifest = Manifest(
+            format_version=FORMAT_VERSION,
+            mmrec_version=getattr(mmrec, "__version__", "unknown"),
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            fingerprint=fingerprint,
+            tokenizer={"id": _tok_id(tokenizer), "name": getattr(tokenizer, "name", ""), "vocab_size": vocab_size},
+            val_fraction=float(val_fraction),
+            min_val_docs=min_val_docs,
+            n_bytes=n_bytes,
+            n_tokens=sum(e[s]["n_tokens"] for e in entries for s in SPLITS),
+            prepare_seconds=seconds,
+            bytes_per_second=n_bytes / max(seconds, 1e-9),
+            sources={e["name"]: e for e in entries},
+        )
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        _replace_dir(tmp, out)
+    except BaseException:
+        bar.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    manifest.path = out
+    return manifest
+
+
+@dataclass
+class TokenShard:
+    """The documents of one split of one source: ``tokens[offsets[i]:offsets[i + 1]]`` is document i."""
+
+    tokens: np.ndarray
+    offsets: np.ndarray
+    n_bytes: int = 0
+
+    @property
+    def n_docs(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.offsets[-1])
+
+    def doc(self, i: int) -> np.ndarray:
+        """Token ids of document ``i`` (a view of the memory map, no copy)."""
+        if not -self.n_docs <= i < self.n_docs:
+            raise IndexError(f"document {i} is out of range: this shard has {self.n_docs} documents")
+        i %= self.n_docs
+        return self.tokens[self.offsets[i] : self.offsets[i + 1]]
+
+
+@dataclass
+class PreparedSource:
+    name: str
+    weight: float
+    train: TokenShard
+    val: TokenShard
+    path: str = ""
+    text_field: str = "text"
+
+    def split(self, name: str) -> TokenShard:
+        if name not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {name!r}")
+        return self.train if name == "train" else self.val
+
+
+@dataclass
+class PreparedDataset:
+    manifest: dict[str, Any]
+    sources: dict[str, PreparedSource]
+    path: Path
+
+    @property
+    def tokenizer_id(self) -> str:
+        return str(self.manifest["tokenizer"]["id"])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.manifest["tokenizer"]["vocab_size"])
+
+    def load_tokenizer(self) -> Any:
+        """The tokenizer the data was prepared with (from the dataset's tokenizer.json)."""
+        from mmrec.tokenizer import load_tokenizer
+
+        return load_tokenizer(self.path / "tokenizer.json")
+
+
+_RERUN = "re-run `mmrec data prepare` to rebuild it"
+
+
+def _check_file(path: Path, info: dict[str, Any], verify: bool) -> None:
+    if not path.is_file():
+        raise DataError(f"{path} is missing; {_RERUN}")
+    size = path.stat().st_size
+    if size != info["size"]:
+        raise DataError(f"{path} has {size} bytes but the manifest says {info['size']} (truncated?); {_RERUN}")
+    if verify and _sha256_file(path) != info["sha256"]:
+        raise DataError(f"{path} does not match its checksum in the manifest (corrupted); {_RERUN}")
+
+
+def _load_shard(directory: Path, split: str, info: dict[str, Any], verify: bool) -> TokenShard:
+    files = info["files"]
+    tokens_path = directory / files["tokens"]["name"]
+    offsets_path = directory / files["offsets"]["name"]
+    _check_file(tokens_path, files["tokens"], verify)
+    _check_file(offsets_path, files["offsets"], verify)
+    dtype_name = info["dtype"]
+    if dtype_name not in _DTYPE_NAMES:
+        raise DataError(f"{directory}: unknown token dtype {dtype_name!r} in the manifest; {_RERUN}")
+    dtype = _DTYPE_NAMES[dtype_name]
+    # An empty file cannot be memory-mapped.
+    empty = files["tokens"]["size"] == 0
+    tokens = np.zeros(0, dtype=dtype) if empty else np.memmap(tokens_path, dtype=dtype, mode="r")
+    offsets = np.fromfile(offsets_path, dtype="<i8").astype(np.int64, copy=False)
+    ok = (
+        len(offsets) == info["n_docs"] + 1
+        and len(tokens) == info["n_tokens"]
+        and offsets[0] == 0
+        and offsets[-1] == len(tokens)
+        and bool(np.all(np.diff(offsets) >= 0))
+    )
+    if not ok:
+        raise DataError(f"{offsets_path} does not describe {tokens_path}; {_RERUN}")
+    return TokenShard(tokens=tokens, offsets=offsets, n_bytes=int(info["n_bytes"]))
+
+
+def load_dataset(out_dir: str | Path, tokenizer: Any = None, verify: bool = True) -> PreparedDataset:
+    """Memory-map a dataset written by ``prepare_dataset``.
+
+    File sizes are always checked against the manifest (a truncated file
+    fails here, not mid-training); ``verify`` also checks every file's
+    sha256. With ``tokenizer``, its id must be the one the data was prepared
+    with.
+    """
+    root = Path(out_dir)
+    manifest_path = root / MANIFEST
+    if not manifest_path.is_file():
+        raise DataError(f"{root} is not a prepared dataset (no {MANIFEST}); run `mmrec data prepare` first")
+    try:
+        raw = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"cannot read {manifest_path}: {e}; {_RERUN}") from e
+    version = raw.get("format_version") if isinstance(raw, dict) else None
+    if version != FORMAT_VERSION:
+        raise DataError(
+            f"{manifest_path} has format version {version!r}; this mmrec reads version {FORMAT_VERSION}: {_RERUN}"
+        )
+    manifest = Manifest(raw)
+    manifest.path = root
+    try:
+        want = manifest["tokenizer"]["id"]
+        if tokenizer is not None and _tok_id(tokenizer) != want:
+            raise DataError(
+                f"{root} was prepared with tokenizer {want!r}, but the tokenizer given is {_tok_id(tokenizer)!r}; "
+                f"use the tokenizer in {root / 'tokenizer.json'} or prepare the data again with this one"
+            )
+        sources = {}
+        for entry in manifest["sources"].values():
+            directory = root / entry["name"]
+            shards = {s: _load_shard(directory, s, entry[s], verify) for s in SPLITS}
+            sources[entry["name"]] = PreparedSource(
+                name=entry["name"],
+                weight=float(entry["weight"]),
+                train=shards["train"],
+                val=shards["val"],
+                path=entry.get("path", ""),
+                text_field=entry.get("text_field", "text"),
+            )
+    except (KeyError, TypeError) as e:
+        raise DataError(f"{manifest_path} is malformed (missing {e}); {_RERUN}") from e
+    return PreparedDataset(manifest=manifest, sources=sources, path=root)

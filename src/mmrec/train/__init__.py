@@ -1,0 +1,1 @@
+"""Training: configuration, curriculum, checkpoints, the loop and scale-out."""
