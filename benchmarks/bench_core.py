@@ -13,79 +13,12 @@ MM-Rec / Transformer; nothing here is asserted (machines are shared and noisy).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
 
 from mmrec import MMRecConfig, MMRecLM, TransformerLM, matched_transformer_config
+from mmrec.evals.speed import decode_latency, train_throughput
 from mmrec.utils.cpu import tune_glibc_malloc
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn: Callable[[], None], steps: int, device: torch.device) -> float:
-    fn()  # warm-up
-    sync(device)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def train_speed(
-    model: torch.nn.Module, T: int, tokens: int, steps: int, device: torch.device, dtype: torch.dtype | None
-) -> tuple[float, float]:
-    """(tokens/s, peak GPU memory in GiB or nan)."""
-    B = max(1, tokens // T)
-    ids = torch.randint(0, 256, (B, T + 1), device=device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-
-    def step() -> None:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = model(ids[:, :-1], targets=ids[:, 1:]).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    sec = timed(step, steps, device)
-    mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return B * T / sec, mem
-
-
-@torch.inference_mode()
-def decode_latency(
-    model: torch.nn.Module,
-    context: int,
-    steps: int,
-    device: torch.device,
-    dtype: torch.dtype | None,
-    prefill_window: int,
-) -> tuple[float, int]:
-    """(ms per token after ``context`` tokens, state bytes at that point)."""
-    state = None
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        for start in range(0, context, prefill_window):
-            n = min(prefill_window, context - start)
-            state = model(torch.randint(0, 256, (1, n), device=device), state=state).state
-        token = torch.randint(0, 256, (1, 1), device=device)
-        holder = {"state": state}
-
-        def one() -> None:
-            holder["state"] = model(token, state=holder["state"]).state
-
-        # Each timed step extends the context by one token: negligible against `context`.
-        sec = timed(one, steps, device)
-    return sec * 1e3, state.nbytes()
 
 
 def main() -> None:
@@ -141,11 +74,12 @@ def main() -> None:
     print("| T | batch | MM-Rec tok/s | Transformer tok/s | ratio | MM-Rec GiB | Transformer GiB |")
     print("|---|---|---|---|---|---|---|")
     for T in args.lengths:
-        mm_tps, mm_mem = train_speed(models["mmrec"], T, args.tokens, args.steps, device, dtype)
-        if args.skip_transformer_above and args.skip_transformer_above < T:
-            tf_tps, tf_mem = float("nan"), float("nan")
-        else:
-            tf_tps, tf_mem = train_speed(models["llama"], T, args.tokens, args.steps, device, dtype)
+        mm_run = train_throughput(models["mmrec"], T, args.tokens, args.steps, device, dtype)
+        mm_tps, mm_mem = mm_run["tokens_per_s"], mm_run["peak_gib"]
+        tf_tps, tf_mem = float("nan"), float("nan")
+        if not (args.skip_transformer_above and args.skip_transformer_above < T):
+            tf_run = train_throughput(models["llama"], T, args.tokens, args.steps, device, dtype)
+            tf_tps, tf_mem = tf_run["tokens_per_s"], tf_run["peak_gib"]
         print(
             f"| {T:,} | {max(1, args.tokens // T)} | {mm_tps:,.0f} | {tf_tps:,.0f} | {mm_tps / tf_tps:.2f}x | "
             f"{mm_mem:.2f} | {tf_mem:.2f} |",
@@ -156,8 +90,11 @@ def main() -> None:
     print("| context | MM-Rec ms | Transformer ms | MM-Rec state | Transformer KV cache |")
     print("|---|---|---|---|---|")
     for ctx in args.contexts:
-        mm_ms, mm_bytes = decode_latency(mm, ctx, args.decode_steps, device, dtype, 4096)
-        tf_ms, tf_bytes = decode_latency(tf, ctx, args.decode_steps, device, dtype, 4096)
+        # Decoding always runs eagerly: compiled graphs would recompile for every cache length.
+        mm_dec = decode_latency(mm, ctx, args.decode_steps, device, dtype)
+        tf_dec = decode_latency(tf, ctx, args.decode_steps, device, dtype)
+        mm_ms, mm_bytes = mm_dec["ms_per_token"], mm_dec["state_bytes"]
+        tf_ms, tf_bytes = tf_dec["ms_per_token"], tf_dec["state_bytes"]
         print(
             f"| {ctx:,} | {mm_ms:.2f} | {tf_ms:.2f} | {mm_bytes / 2**20:.2f} MiB | {tf_bytes / 2**20:.1f} MiB |",
             flush=True,

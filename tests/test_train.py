@@ -21,39 +21,10 @@ from mmrec.data.sources import DataError
 from mmrec.train.config import TrainConfig
 from mmrec.train.trainer import Trainer, TrainingError
 
-WORDS = (
-    "the",
-    "king",
-    "shall",
-    "speak",
-    "of",
-    "love",
-    "and",
-    "war",
-    "while",
-    "the",
-    "queen",
-    "keeps",
-    "her",
-    "counsel",
-    "in",
-    "the",
-    "hall",
-    "for",
-    "every",
-    "word",
-    "that",
-    "falls",
-    "from",
-    "noble",
-    "lips",
-    "is",
-    "weighed",
-    "by",
-    "those",
-    "who",
-    "listen",
-)
+WORDS = (  # noqa: SIM905
+    "the king shall speak of love and war while the queen keeps her counsel in the hall "
+    "for every word that falls from noble lips is weighed by those who listen"
+).split()
 
 TINY = [
     "--d-model",

@@ -79,6 +79,55 @@ def _tokenizer_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_bpb(args: argparse.Namespace) -> int:
+    from mmrec.evals.bpb import run
+
+    run(
+        args.checkpoint,
+        args.data,
+        args.out,
+        cut=args.cut,
+        window=args.window,
+        max_docs=args.max_docs,
+        max_tokens=args.max_tokens,
+        device=args.device,
+    )
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from mmrec.compare import CompareOptions, run_compare
+
+    overrides = {}
+    if args.max_steps is not None:
+        overrides["max_steps"] = args.max_steps
+    report = run_compare(
+        CompareOptions(
+            out=args.out,
+            preset=args.preset,
+            data=args.data or [],
+            seed=args.seed,
+            device=args.device,
+            models=args.models,
+            data_cache=args.data_cache,
+            overrides=overrides,
+        )
+    )
+    print(f"report: {report}")
+    return 0
+
+
+def _stages(args: argparse.Namespace) -> int:
+    from mmrec.stages.tracker import track_run
+
+    data = track_run(args.run)
+    for rec in data["stages"]:
+        when = f"step {rec['step']} ({rec['tokens']:,} tokens)" if rec["reached"] else "not reached"
+        print(f"stage {rec['id']} {rec['name']}: {when}")
+    print(f"wrote {args.run}/stages.json and stages.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from mmrec.cliargs import add_dataclass_arguments
     from mmrec.train.config import TrainConfig
@@ -122,6 +171,59 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--text-field", default="text", help="text field of JSONL/Parquet/HF sources")
     tt.add_argument("--out", required=True, help="tokenizer.json to write")
     tt.set_defaults(func=_tokenizer_train)
+
+    ev = sub.add_parser("eval", help="evaluate a trained model (long-context bits per byte, passkey, ...)")
+    ev_sub = ev.add_subparsers(dest="eval_command", metavar="EVALUATION")
+    ev_sub.required = True
+    bpb = ev_sub.add_parser(
+        "bpb",
+        help="bits per byte by position bucket, full context vs context cut to 2K",
+        description="Score documents with full context (MM-Rec streams them through its "
+        "state; a Transformer uses a sliding window beyond its trained length) and with the "
+        "context cut to --cut tokens; report bits per byte per position bucket.",
+    )
+    bpb.add_argument("--checkpoint", required=True, help="a run directory or step-NNNNNN directory of mmrec train")
+    bpb.add_argument(
+        "--data", action="append", help="text files/folders to score (default: the run's validation split)"
+    )
+    bpb.add_argument("--out", required=True, help="folder for results.json, results.md and the figure")
+    bpb.add_argument("--cut", type=int, default=2048, help="tokens of context in the cut condition (default 2048)")
+    bpb.add_argument("--window", type=int, default=4096, help="MM-Rec streaming window (default 4096)")
+    bpb.add_argument("--max-docs", type=int, default=None, help="score at most this many documents")
+    bpb.add_argument("--max-tokens", type=int, default=None, help="truncate documents to this many tokens")
+    bpb.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    bpb.set_defaults(func=_eval_bpb)
+
+    from mmrec.compare import MODELS, PRESETS
+
+    cmp = sub.add_parser(
+        "compare",
+        help="train MM-Rec and GPT/LLaMA/Mistral-style baselines on the same data; write report.md and figures",
+        description="Train MM-Rec and parameter-matched GPT-, LLaMA- and Mistral-style Transformers on the same "
+        "data, tokens, curriculum and seed; track the learning stages; measure bits per byte by position, speed "
+        "and memory against length; write report.md, figures and results.json to --out. Presets: "
+        + "; ".join(f"{k}: {p.description}" for k, p in PRESETS.items())
+        + ".",
+    )
+    cmp.add_argument("--preset", choices=list(PRESETS), default="micro", help="budget (default: micro)")
+    cmp.add_argument("--out", required=True, help="output folder (one run directory per model inside)")
+    cmp.add_argument("--data", action="append", help="training text as for mmrec train (default: built-in corpus)")
+    cmp.add_argument(
+        "--models",
+        nargs="+",
+        default=[m[0] for m in MODELS],
+        choices=[m[0] for m in MODELS],
+        help="models to compare (default: all four)",
+    )
+    cmp.add_argument("--seed", type=int, default=0, help="seed shared by every model (default: 0)")
+    cmp.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    cmp.add_argument("--max-steps", type=int, default=None, help="override the preset's training steps")
+    cmp.add_argument("--data-cache", default=None, help="folder for prepared token shards")
+    cmp.set_defaults(func=_compare)
+
+    stg = sub.add_parser("stages", help="measure the learning stages over a finished training run")
+    stg.add_argument("run", help="run directory of mmrec train")
+    stg.set_defaults(func=_stages)
 
     demo = sub.add_parser("demo", help="stream the built-in text through a fresh MM-Rec; show constant state")
     demo.add_argument("--tokens", type=int, default=65536, help="tokens to stream (default: %(default)s)")

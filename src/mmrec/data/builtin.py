@@ -21,7 +21,7 @@ def stdlib_root() -> Path:
 def builtin_files() -> list[Path]:
     """The standard library's .py files in a fixed order (site-packages excluded)."""
     root = stdlib_root()
-    files = []
+    files: list[Path] = []
     for folder, dirs, names in os.walk(root):
         # Prune while walking: site-packages can be far larger than the library itself.
         dirs[:] = [d for d in dirs if d not in ("site-packages", "dist-packages", "__pycache__")]

@@ -73,6 +73,10 @@ class TrainConfig(ConfigMixin):
     eval_every: int = _doc("Evaluate on validation data every N steps (and at the end).", default=100)
     eval_tokens: int = _doc("Validation tokens per source per evaluation.", default=32768)
     eval_seq_len: int | None = _doc("Window of the evaluation (default: the longest training window).", default=None)
+    track_stages: bool = _doc(
+        "Measure the five learning stages at every evaluation (stages.json, stages.png).", default=True
+    )
+    stage_probes: int = _doc("Examples per stage probe (knowledge, induction, key-value lookup).", default=32)
     log_every: int = _doc("Print a log line every N steps.", default=10)
     checkpoint_every: int = _doc("Save a checkpoint every N steps (and at the end).", default=500)
     keep_checkpoints: int = _doc("Keep the newest K checkpoints.", default=3)

@@ -9,7 +9,6 @@ DDP (gloo on CPU, nccl on CUDA) or FSDP2.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime as dt
 import json
 import math
@@ -27,9 +26,10 @@ from torch import nn
 
 from mmrec import __version__
 from mmrec.config import ConfigError, MMRecConfig, TransformerConfig
+from mmrec.data.cache import cached_dataset, source_specs
 from mmrec.data.loader import StreamLoader, eval_windows
-from mmrec.data.prepare import PreparedDataset, dataset_fingerprint, load_dataset, prepare_dataset
-from mmrec.data.sources import DataError, SourceSpec, parse_source, resolve_sources
+from mmrec.data.prepare import PreparedDataset
+from mmrec.data.sources import DataError, SourceSpec
 from mmrec.models import MMRecLM, MMRecState, TransformerLM, matched_transformer_config
 from mmrec.tokenizer import load_tokenizer
 from mmrec.train import checkpoint as ckpt
@@ -157,25 +157,17 @@ class Trainer:
 
     def _prepare_data(self) -> None:
         cfg = self.cfg
-        specs = [parse_source(s) for s in cfg.data] or [parse_source("builtin")]
-        specs = [dataclasses.replace(s, text_field=cfg.text_field) if s.text_field == "text" else s for s in specs]
-        self.specs: list[SourceSpec] = resolve_sources(specs)  # missing paths fail here, before any work
+        self.specs: list[SourceSpec] = source_specs(cfg.data, cfg.text_field)
         self.tokenizer = load_tokenizer(cfg.tokenizer)
-        cache_root = Path(cfg.data_cache or os.environ.get("MMREC_DATA_CACHE") or Path.home() / ".cache/mmrec/data")
-        self.data_dir = cache_root / dataset_fingerprint(self.specs, self.tokenizer, cfg.val_fraction)
-        if self.dist.is_main:
-            if (self.data_dir / "manifest.json").is_file():
-                self.log(f"data: reusing prepared shards in {self.data_dir}")
-            else:
-                self.log(f"data: preparing {len(self.specs)} source(s) into {self.data_dir}")
-                manifest = prepare_dataset(self.specs, self.tokenizer, self.data_dir, cfg.val_fraction)
-                mb = sum(s["train"]["n_bytes"] + s["val"]["n_bytes"] for s in manifest["sources"].values()) / 1e6
-                self.log(
-                    f"data: prepared {mb:,.1f} MB in {manifest['prepare_seconds']:.1f}s "
-                    f"({mb / max(manifest['prepare_seconds'], 1e-9):,.1f} MB/s)"
-                )
-        barrier(self.dist)
-        self.dataset: PreparedDataset = load_dataset(self.data_dir, self.tokenizer, verify=True)
+        self.dataset: PreparedDataset = cached_dataset(
+            self.specs,
+            self.tokenizer,
+            cfg.val_fraction,
+            cfg.data_cache,
+            log=self.log,
+            prepare=self.dist.is_main,
+            wait=lambda: barrier(self.dist),
+        )
         for name, src in self.dataset.sources.items():
             self.log(
                 f"data: {name}: {src.train.n_docs:,} train documents / {src.train.n_tokens:,} tokens, "
@@ -276,12 +268,32 @@ class Trainer:
             for n in names
         }
 
+        self.tracker: Any = None
+        if cfg.track_stages and (self.dist.is_main or (cfg.fsdp and self.dist.enabled)):
+            from mmrec.stages.tracker import StageTracker
+
+            t0 = time.perf_counter()
+            self.tracker = StageTracker(
+                self.dataset,
+                self.tokenizer,
+                eval_len,
+                seed=cfg.seed,
+                n_probe=cfg.stage_probes,
+                device=self.device,
+                cache_path=self.dataset.path / "stage_references.json",
+                window_tokens=cfg.eval_tokens,
+                probe_seq_len=min(512, eval_len),
+            )
+            self.log(f"stages: references and probes ready in {time.perf_counter() - t0:.1f}s")
+
         self.step, self.tokens, self.skipped, self.bad_in_row = 0, 0, 0, 0
         self.states: list[Any] = []
         self.stage_index = -1
         if resume_from is not None:
             self._load_checkpoint(resume_from)
             self.log(f"resume: continuing from {resume_from} (step {self.step}, {self.tokens:,} tokens)")
+            if self.tracker is not None and (self.out / "stages.json").is_file():
+                self.tracker.restore(self.out / "stages.json", up_to_step=self.step)
         self.metrics = MetricsWriter(
             self.out, enabled=self.dist.is_main, resume_step=self.step if resume_from is not None else None
         )
@@ -488,9 +500,11 @@ class Trainer:
             stop = self._stop_requested()
             if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
                 last_eval = self.evaluate()
+                stage_msg = self._measure_stages(last_eval)
                 self.metrics.eval({"step": self.step, "tokens": self.tokens, **last_eval})
                 self.log(
                     f"eval  {self.step:>6} | val loss {last_eval['val_loss']:.4f} | val bpb {last_eval['val_bpb']:.3f}"
+                    + stage_msg
                 )
                 if self.dist.is_main:
                     self.metrics.plot(f"{cfg.arch} - {self.out.name}")
@@ -518,6 +532,21 @@ class Trainer:
             return summary
         self._finish(summary)
         return summary
+
+    def _measure_stages(self, row: dict[str, float]) -> str:
+        """Stage metrics into the eval row; stages.json/png written. Returns a note for the log line."""
+        if self.tracker is None:
+            return ""
+        metrics = self.tracker.measure(
+            unwrap(self.model), self.step, self.tokens, row["val_loss"], row["val_bpb"], autocast=self._autocast
+        )
+        row.update({k: v for k, v in metrics.items() if k not in row and isinstance(v, float)})
+        if not self.dist.is_main:
+            return ""
+        self.tracker.save(self.out)
+        data = self.tracker.stages()
+        reached = [str(r["id"]) for r in data["stages"] if r["reached"]]
+        return f" | stages reached: {', '.join(reached) if reached else 'none'}"
 
     def _stop_requested(self) -> bool:
         flag = 1.0 if self.stop_signal is not None else 0.0

@@ -1,0 +1,51 @@
+"""Prepared data sets, cached by fingerprint and shared by training and evaluation runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mmrec.data.prepare import PreparedDataset, dataset_fingerprint, load_dataset, prepare_dataset
+from mmrec.data.sources import SourceSpec, parse_source, resolve_sources
+
+
+def default_cache_root(data_cache: str | None = None) -> Path:
+    return Path(data_cache or os.environ.get("MMREC_DATA_CACHE") or Path.home() / ".cache/mmrec/data")
+
+
+def source_specs(data: list[str], text_field: str = "text") -> list[SourceSpec]:
+    """Parsed and checked sources (missing paths fail here, before any work); default: the built-in corpus."""
+    specs = [parse_source(s) for s in data] or [parse_source("builtin")]
+    specs = [dataclasses.replace(s, text_field=text_field) if s.text_field == "text" else s for s in specs]
+    return resolve_sources(specs)
+
+
+def cached_dataset(
+    specs: list[SourceSpec],
+    tokenizer: Any,
+    val_fraction: float,
+    data_cache: str | None = None,
+    log: Callable[[str], None] = print,
+    prepare: bool = True,
+    wait: Callable[[], None] = lambda: None,
+) -> PreparedDataset:
+    """Token shards for ``specs``: reused when already prepared, else prepared once.
+
+    In multi-process runs only the process with ``prepare=True`` writes; all
+    call ``wait`` (a barrier) before loading.
+    """
+    data_dir = default_cache_root(data_cache) / dataset_fingerprint(specs, tokenizer, val_fraction)
+    if prepare:
+        if (data_dir / "manifest.json").is_file():
+            log(f"data: reusing prepared shards in {data_dir}")
+        else:
+            log(f"data: preparing {len(specs)} source(s) into {data_dir}")
+            manifest = prepare_dataset(specs, tokenizer, data_dir, val_fraction)
+            mb = sum(s["train"]["n_bytes"] + s["val"]["n_bytes"] for s in manifest["sources"].values()) / 1e6
+            seconds = max(manifest["prepare_seconds"], 1e-9)
+            log(f"data: prepared {mb:,.1f} MB in {seconds:.1f}s ({mb / seconds:,.1f} MB/s)")
+    wait()
+    return load_dataset(data_dir, tokenizer, verify=True)

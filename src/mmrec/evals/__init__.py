@@ -1,0 +1,1 @@
+"""Evaluations: long-context bits per byte, passkey retrieval, synthetic recall tasks."""
