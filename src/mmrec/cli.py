@@ -193,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     bpb.add_argument("--max-tokens", type=int, default=None, help="truncate documents to this many tokens")
     bpb.add_argument("--device", default="auto", help="auto, cpu or cuda")
     bpb.set_defaults(func=_eval_bpb)
+    from mmrec.evals.synth_cli import add_passkey_parser, add_synth_parser
+
+    add_passkey_parser(ev_sub)
+    add_synth_parser(sub)
 
     from mmrec.compare import MODELS, PRESETS
 

@@ -1,0 +1,490 @@
+"""Passkey retrieval: a 5-digit number hidden in filler text, asked for at the end.
+
+The prompt is the classic one (Mohtashami & Jaggi, "Landmark Attention"):
+filler sentences, the line "The pass key is 12345. Remember it. 12345 is the
+pass key." at a chosen depth, and "What is the pass key? The pass key is" at
+the end. A model passes when its greedy continuation is the key; the
+teacher-forced log-likelihood of the key's digits scores it more finely (a
+model that is almost right moves it long before exact matches appear).
+
+Prompts are built from token ids, piece by piece, so a prompt is exactly
+``n_tokens`` tokens for any tokenizer, and lazily: :class:`PasskeyPrompt`
+produces any window of its ids on demand, so a million-token prompt is never
+held whole. MM-Rec reads it in windows with its constant-size state; a
+Transformer uses its KV cache while that fits the memory limit, and a
+sliding window of its trained length beyond it (see ``task_train.plan_context``).
+
+``passkey_documents`` writes the same layout, answer included, as training
+text: mixed into ``mmrec train`` at short lengths it teaches the retrieval
+format without long sequences.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from mmrec.evals.task_train import DEFAULT_MAX_MEMORY_BYTES, ContextPlan, _autocast, plan_context, resolve_device
+from mmrec.models import KVCache, MMRecState, TransformerLM
+
+FILLER_SENTENCES = (
+    "The grass is green.",
+    "The sky is blue.",
+    "The sun is yellow.",
+    "Here we go.",
+    "There and back again.",
+)
+NEEDLE_TEMPLATE = " The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = " What is the pass key? The pass key is"
+ANSWER_TEMPLATE = " {key}"
+KEY_DIGITS = 5
+
+# Every order of the five sentences; a seeded filler picks one per block.
+_ORDERS = tuple(itertools.permutations(range(len(FILLER_SENTENCES))))
+_MASK64 = 2**64 - 1
+
+
+def _mix64(x: int) -> int:
+    """splitmix64: a fast, well-spread hash, so block b of a seeded filler needs no generator state."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+class FillerStream:
+    """An endless filler of token ids, addressable at any position.
+
+    It repeats blocks of the five sentences: in the classic order, or, with a
+    ``seed``, in an order chosen per block (the same seed gives the same
+    text). Every block has the same token length whatever its order, so
+    position p lies in block p // period without scanning.
+    """
+
+    def __init__(self, tokenizer: Any, seed: int | None = None) -> None:
+        self.sentences = [list(tokenizer.encode(" " + s)) for s in FILLER_SENTENCES]
+        self.period = sum(len(s) for s in self.sentences)
+        self.seed = seed
+        self._blocks: dict[int, list[int]] = {}
+
+    def _block(self, index: int) -> list[int]:
+        order = 0 if self.seed is None else _mix64((self.seed & _MASK64) * 1_000_003 + index) % len(_ORDERS)
+        block = self._blocks.get(order)
+        if block is None:
+            block = [t for i in _ORDERS[order] for t in self.sentences[i]]
+            self._blocks[order] = block
+        return block
+
+    def ids(self, start: int, stop: int) -> list[int]:
+        """Token ids at positions [start, stop) of the filler."""
+        out: list[int] = []
+        pos = start
+        while pos < stop:
+            b, offset = divmod(pos, self.period)
+            take = min(self.period - offset, stop - pos)
+            out.extend(self._block(b)[offset : offset + take])
+            pos += take
+        return out
+
+
+@dataclass
+class PasskeyPrompt:
+    """One passkey prompt of exactly ``n_tokens`` tokens, produced window by window.
+
+    Layout: filler [0, needle_start), the needle line, filler continuing up to
+    the question, then the question; ``answer_ids`` is the expected
+    continuation (a space and the key).
+    """
+
+    key: str
+    n_tokens: int
+    depth: float
+    needle_start: int
+    needle_ids: list[int]
+    question_ids: list[int]
+    answer_ids: list[int]
+    filler: FillerStream
+
+    @property
+    def needle_stop(self) -> int:
+        return self.needle_start + len(self.needle_ids)
+
+    @property
+    def question_start(self) -> int:
+        return self.n_tokens - len(self.question_ids)
+
+    def ids(self, start: int = 0, stop: int | None = None) -> list[int]:
+        """Token ids at positions [start, stop) of the prompt (default: all of it)."""
+        stop = self.n_tokens if stop is None else min(stop, self.n_tokens)
+        start = max(0, start)
+        out: list[int] = []
+        ns, ne, qs = self.needle_start, self.needle_stop, self.question_start
+        # Filler before the needle.
+        if start < ns:
+            out += self.filler.ids(start, min(stop, ns))
+        # The needle.
+        if start < ne and stop > ns:
+            out += self.needle_ids[max(start, ns) - ns : min(stop, ne) - ns]
+        # Filler after the needle continues the same stream.
+        if start < qs and stop > ne:
+            a, b = max(start, ne), min(stop, qs)
+            out += self.filler.ids(ns + a - ne, ns + b - ne)
+        # The question.
+        if stop > qs:
+            out += self.question_ids[max(start, qs) - qs : stop - qs]
+        return out
+
+    def windows(self, window: int) -> Iterator[list[int]]:
+        for start in range(0, self.n_tokens, window):
+            yield self.ids(start, start + window)
+
+
+def _check_key(key: object) -> str:
+    if not isinstance(key, str) or not key.isdigit() or not key.isascii():
+        raise ValueError(f"key must be a non-empty string of digits, got {key!r}")
+    return key
+
+
+def passkey_prompt(
+    tokenizer: Any, n_tokens: int, depth: float, key: str, filler_seed: int | None = None
+) -> PasskeyPrompt:
+    """The lazy prompt of :func:`make_passkey_prompt`."""
+    key = _check_key(key)
+    if not isinstance(depth, (int, float)) or not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must be between 0 (start) and 1 (just before the question), got {depth!r}")
+    needle = list(tokenizer.encode(NEEDLE_TEMPLATE.format(key=key)))
+    question = list(tokenizer.encode(QUESTION))
+    answer = list(tokenizer.encode(ANSWER_TEMPLATE.format(key=key)))
+    minimum = len(needle) + len(question)
+    if not isinstance(n_tokens, int) or isinstance(n_tokens, bool) or n_tokens < minimum:
+        raise ValueError(
+            f"n_tokens must be an integer >= {minimum} (the pass key line and the question alone take "
+            f"{minimum} tokens with this tokenizer), got {n_tokens!r}"
+        )
+    filler_tokens = n_tokens - minimum
+    start = round(depth * filler_tokens)
+    return PasskeyPrompt(
+        key=key,
+        n_tokens=n_tokens,
+        depth=float(depth),
+        needle_start=start,
+        needle_ids=needle,
+        question_ids=question,
+        answer_ids=answer,
+        filler=FillerStream(tokenizer, filler_seed),
+    )
+
+
+def min_prompt_tokens(tokenizer: Any) -> int:
+    """The shortest prompt possible: the pass key line and the question, no filler (largest over keys)."""
+    keys = ("10000", "55555", "99999", "31415", "27182")
+    fixed = len(tokenizer.encode(QUESTION))
+    return fixed + max(len(tokenizer.encode(NEEDLE_TEMPLATE.format(key=k))) for k in keys) + 2
+
+
+def make_passkey_prompt(
+    tokenizer: Any, n_tokens: int, depth: float, key: str, filler_seed: int | None = None
+) -> tuple[list[int], list[int]]:
+    """(prompt_ids, answer_ids): a passkey prompt of exactly ``n_tokens`` tokens.
+
+    The needle line starts at round(depth x filler tokens): depth 0.0 puts it
+    at the start, 1.0 right before the question. ``filler_seed`` None gives
+    the classic fixed filler; an integer shuffles the sentence order per block.
+    ``answer_ids`` encodes " KEY", the continuation of "The pass key is".
+    """
+    prompt = passkey_prompt(tokenizer, n_tokens, depth, key, filler_seed)
+    return prompt.ids(), list(prompt.answer_ids)
+
+
+def random_keys(rng: np.random.Generator, n: int) -> list[str]:
+    """``n`` random 5-digit keys (no leading zero, so every key has 5 digits)."""
+    return [str(k) for k in rng.integers(10 ** (KEY_DIGITS - 1), 10**KEY_DIGITS, size=n)]
+
+
+def passkey_documents(tokenizer: Any, n: int, min_len: int, max_len: int, seed: int = 0) -> Iterator[dict[str, Any]]:
+    """Training documents in the passkey layout, answer included: {"text", "key", "depth", "tokens"}.
+
+    Lengths (in tokens of ``tokenizer``) are uniform in [min_len, max_len],
+    depths uniform in [0, 1], and every document has its own filler order, so
+    a model learns to find the key rather than memorise one text.
+    """
+    if n < 1:
+        raise ValueError(f"--n must be >= 1, got {n}")
+    if min_len > max_len:
+        raise ValueError(f"--min-len {min_len} must not exceed --max-len {max_len}")
+    shortest = min_prompt_tokens(tokenizer)
+    if min_len < shortest:
+        raise ValueError(
+            f"--min-len {min_len} is too short: the pass key line and question alone take ~{shortest} tokens"
+        )
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        key = random_keys(rng, 1)[0]
+        length = int(rng.integers(min_len, max_len + 1))
+        depth = float(rng.random())
+        prompt = passkey_prompt(tokenizer, length, depth, key, filler_seed=int(rng.integers(2**31)))
+        text = tokenizer.decode(prompt.ids() + prompt.answer_ids) + "."
+        yield {"text": text, "key": key, "depth": round(depth, 4), "tokens": length}
+
+
+def write_passkey_documents(path: str | Path, docs: Iterator[dict[str, Any]]) -> int:
+    """Write JSONL (one {"text": ...} per line) via a temporary file; returns the count."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    count = 0
+    with tmp.open("w", encoding="utf-8") as f:
+        for doc in docs:
+            f.write(json.dumps(doc) + "\n")
+            count += 1
+    tmp.replace(path)
+    return count
+
+
+def _select_stream(state: Any, i: int) -> Any:
+    """Stream i of a batched state, as a batch of one (views: forward never writes into a state)."""
+    if isinstance(state, (MMRecState, KVCache)):
+        views = {k: t[:, i : i + 1] for k, t in state.tensors().items()}  # [L, 1, ...] per tensor
+        return dataclasses.replace(cast(Any, state), **views)
+    raise TypeError(f"cannot select a stream of a {type(state).__name__}")
+
+
+def _digit_mask(tokenizer: Any, ids: Sequence[int]) -> list[bool]:
+    """Which answer tokens carry a digit (the leading space alone does not count)."""
+    mask = [any(ch.isdigit() for ch in tokenizer.decode([t])) for t in ids]
+    return mask if any(mask) else [True] * len(ids)
+
+
+@dataclass
+class PasskeyCell:
+    length: int
+    depth: float
+    trials: int
+    exact_match: float | None  # share of trials whose greedy answer is the key; None when skipped
+    digit_logprob: float | None  # mean log-probability (nats) of the key's digit tokens, teacher-forced
+    mode: str
+    note: str
+    memory_bytes_per_stream: int  # MM-Rec state, or the KV cache a Transformer held
+    seconds: float
+    answers: list[str]
+
+    @property
+    def skipped(self) -> bool:
+        return self.mode == "skipped"
+
+
+@torch.no_grad()
+def _run_cell(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: list[PasskeyPrompt],
+    plan: ContextPlan,
+    device: torch.device,
+) -> tuple[list[bool], list[float], list[str]]:
+    """Stream the prompts as one batch; then greedy answers and teacher-forced digit scores per trial."""
+    state: Any = None
+    last: Tensor | None = None
+    n = prompts[0].n_tokens
+    for start, stop in plan.windows(n):
+        ids = torch.tensor([p.ids(start, stop) for p in prompts], dtype=torch.long, device=device)
+        with _autocast(device):
+            out = plan.feed(model, ids, state)
+        # Only the last position's logits are kept (a copy, so the window's [B, w, V] can be freed).
+        state, last = out.state, out.logits[:, -1].float().clone()
+        del out
+    assert last is not None
+    exact, logprobs, answers = [], [], []
+    for i, prompt in enumerate(prompts):
+        answer = prompt.answer_ids
+        st = _select_stream(state, i)
+        # Greedy: as many tokens as the answer has.
+        logits, generated = last[i : i + 1], []
+        for j in range(len(answer)):
+            token = int(logits.argmax(dim=-1))
+            generated.append(token)
+            if j + 1 < len(answer):
+                with _autocast(device):
+                    out = plan.feed(model, torch.tensor([[token]], device=device), st)
+                st, logits = out.state, out.logits[:, -1].float()
+        text = tokenizer.decode(generated)
+        answers.append(text.strip())
+        exact.append(text.strip() == prompt.key)
+        # Teacher-forced: log p(answer[0] | prompt), then each next token given the right ones before it.
+        lp = [float(torch.log_softmax(last[i], dim=-1)[answer[0]])]
+        if len(answer) > 1:
+            with _autocast(device):
+                out = plan.feed(model, torch.tensor([answer[:-1]], device=device), _select_stream(state, i))
+            rest = torch.log_softmax(out.logits[0].float(), dim=-1)
+            lp += rest.gather(1, torch.tensor(answer[1:], device=device)[:, None])[:, 0].tolist()
+        mask = _digit_mask(tokenizer, answer)
+        digits = [v for v, m in zip(lp, mask, strict=True) if m]
+        logprobs.append(sum(digits) / len(digits))
+    return exact, logprobs, answers
+
+
+def evaluate_passkey(
+    model: nn.Module,
+    tokenizer: Any,
+    lengths: Sequence[int],
+    depths: Sequence[float],
+    trials: int,
+    device: str | torch.device = "cpu",
+    max_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES,
+    window: int = 4096,
+    *,
+    trained_len: int | None = None,
+    beyond: str = "sliding",
+    seed: int = 0,
+    filler_seed: int | None = None,
+    log: Callable[[str], None] | None = print,
+) -> dict[str, Any]:
+    """Exact match and digit log-likelihood for every (length, depth), over ``trials`` random keys.
+
+    The trials of a cell are one batch. MM-Rec streams it in windows of
+    ``window`` tokens (constant memory at any length); a Transformer follows
+    ``plan_context``: its KV cache up to ``max_memory_bytes``, and past
+    ``trained_len`` a sliding window of that length (``beyond``). Cells that
+    cannot run are reported as skipped with the reason. Keys are drawn from
+    ``seed``, so two models see the same keys.
+    """
+    if trials < 1:
+        raise ValueError(f"--trials must be >= 1, got {trials}")
+    if not lengths or not depths:
+        raise ValueError("give at least one length and one depth")
+    if window < 1:
+        raise ValueError(f"--window must be >= 1 token, got {window}")
+    shortest = min_prompt_tokens(tokenizer)
+    too_short = [n for n in lengths if n < shortest]
+    if too_short:
+        raise ValueError(
+            f"--lengths {', '.join(map(str, too_short))}: a prompt needs at least {shortest} tokens with this "
+            "tokenizer (the pass key line and the question)"
+        )
+    device = resolve_device(device)
+    was_training = model.training
+    model.eval()
+    cells: list[PasskeyCell] = []
+    try:
+        for length in lengths:
+            for di, depth in enumerate(depths):
+                t0 = time.perf_counter()
+                rng = np.random.default_rng([seed, length, di])
+                keys = random_keys(rng, trials)
+                prompts = [passkey_prompt(tokenizer, length, depth, k, filler_seed) for k in keys]
+                extra = max(len(p.answer_ids) for p in prompts)
+                plan = plan_context(model, length + extra, trials, window, max_memory_bytes, trained_len, beyond)
+                if plan.skipped:
+                    cell = PasskeyCell(length, depth, trials, None, None, plan.mode, plan.note, 0, 0.0, [])
+                else:
+                    exact, lps, answers = _run_cell(model, tokenizer, prompts, plan, device)
+                    cell = PasskeyCell(
+                        length,
+                        depth,
+                        trials,
+                        sum(exact) / trials,
+                        sum(lps) / trials,
+                        plan.mode,
+                        plan.note,
+                        plan.memory_bytes // trials,
+                        time.perf_counter() - t0,
+                        answers,
+                    )
+                cells.append(cell)
+                if log is not None:
+                    if cell.skipped:
+                        log(f"passkey {length:>9,} tokens, depth {depth:.2f}: {cell.note}")
+                    else:
+                        log(
+                            f"passkey {length:>9,} tokens, depth {depth:.2f}: exact {cell.exact_match:.2f}, "
+                            f"digit log-likelihood {cell.digit_logprob:.3f} nats ({cell.seconds:.1f}s, {cell.mode})"
+                        )
+    finally:
+        model.train(was_training)
+    arch = f"transformer-{model.config.preset}" if isinstance(model, TransformerLM) else "mmrec"
+    return {
+        "arch": arch,
+        "lengths": list(lengths),
+        "depths": list(depths),
+        "trials": trials,
+        "window": window,
+        "trained_len": trained_len,
+        "max_memory_bytes": max_memory_bytes,
+        "seed": seed,
+        "cells": [dataclasses.asdict(c) for c in cells],
+    }
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "skipped" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def passkey_table(results: dict[str, Any]) -> str:
+    """Markdown: exact match and digit log-likelihood, depth by length, and the notes."""
+    lengths, depths = results["lengths"], results["depths"]
+    cell = {(c["length"], c["depth"]): c for c in results["cells"]}
+    head = "| depth | " + " | ".join(f"{n:,}" for n in lengths) + " |"
+    rule = "|---|" + "---:|" * len(lengths)
+    lines = [f"# Passkey retrieval ({results['arch']}, {results['trials']} trials per cell)", ""]
+    for title, key, spec in (
+        ("Exact match (greedy answer == key)", "exact_match", ".2f"),
+        ("Digit log-likelihood (nats per digit token, teacher-forced; 0 is certain)", "digit_logprob", ".3f"),
+    ):
+        lines += [f"## {title}", "", head, rule]
+        for d in depths:
+            lines.append(f"| {d:g} | " + " | ".join(_fmt(cell[(n, d)][key], spec) for n in lengths) + " |")
+        lines.append("")
+    lines += ["## How each length was read", ""]
+    for n in lengths:
+        c = cell[(n, depths[0])]
+        per_stream = c["memory_bytes_per_stream"]
+        memory = f" ({per_stream:,} bytes of state or KV cache per stream)" if per_stream else ""
+        lines.append(f"- {n:,} tokens: {c['note']}{memory}")
+    return "\n".join(lines) + "\n"
+
+
+def plot_passkey_heatmap(results: dict[str, Any], path: str | Path) -> Path | None:
+    """Depth x length heatmap of exact match; skipped cells hatched grey. None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    lengths, depths = results["lengths"], results["depths"]
+    cell = {(c["length"], c["depth"]): c for c in results["cells"]}
+    grid = np.array(
+        [
+            [np.nan if cell[(n, d)]["exact_match"] is None else cell[(n, d)]["exact_match"] for n in lengths]
+            for d in depths
+        ]
+    )
+    fig, ax = plt.subplots(figsize=(1.2 * len(lengths) + 2.5, 0.6 * len(depths) + 2))
+    cmap = matplotlib.colormaps["RdYlGn"].with_extremes(bad="#cccccc")
+    im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
+    for r, d in enumerate(depths):
+        for k, n in enumerate(lengths):
+            v = cell[(n, d)]["exact_match"]
+            ax.text(k, r, "skip" if v is None else f"{v:.2f}", ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(lengths)), [f"{n:,}" for n in lengths], rotation=30)
+    ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
+    ax.set_xlabel("prompt length (tokens)")
+    ax.set_ylabel("depth of the pass key")
+    ax.set_title(f"Passkey retrieval, exact match ({results['arch']})")
+    fig.colorbar(im, ax=ax, fraction=0.05)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,209 @@
+"""Passkey retrieval: prompt construction, lazy windows, evaluation, training data and `mmrec eval passkey`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+import mmrec
+from mmrec.evals import synth_cli
+from mmrec.evals.passkey import (
+    FILLER_SENTENCES,
+    evaluate_passkey,
+    make_passkey_prompt,
+    passkey_documents,
+    passkey_prompt,
+)
+from mmrec.evals.task_train import build_task_model
+from mmrec.tokenizer import ByteTokenizer
+
+TOK = ByteTokenizer()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def find(ids: list[int], sub: list[int]) -> list[int]:
+    return [i for i in range(len(ids) - len(sub) + 1) if ids[i : i + len(sub)] == sub]
+
+
+@pytest.mark.parametrize("n_tokens", [120, 1000, 4099])
+@pytest.mark.parametrize("depth", [0.0, 0.3, 0.5, 1.0])
+@pytest.mark.parametrize("filler_seed", [None, 7])
+def test_prompt_length_single_key_and_depth(n_tokens: int, depth: float, filler_seed: int | None) -> None:
+    ids, answer = make_passkey_prompt(TOK, n_tokens, depth, "48213", filler_seed)
+    assert len(ids) == n_tokens
+    text = TOK.decode(ids)
+    assert text.endswith("What is the pass key? The pass key is")
+    assert TOK.decode(answer) == " 48213"
+    # Exactly one pass-key line, holding the key twice and nowhere else.
+    assert text.count("The pass key is 48213. Remember it. 48213 is the pass key.") == 1
+    assert text.count("48213") == 2
+    # The line starts at the requested depth of the filler.
+    needle = TOK.encode(" The pass key is 48213.")
+    (pos,) = find(ids, needle)
+    question = len(TOK.encode(" What is the pass key? The pass key is"))
+    filler = n_tokens - question - len(TOK.encode(" The pass key is 48213. Remember it. 48213 is the pass key."))
+    assert abs(pos - depth * filler) <= 1
+    if n_tokens >= 1000:  # the needle and question are a small share: depth holds relative to the whole prompt
+        assert abs(pos / n_tokens - depth) <= 0.1
+
+
+def test_prompt_deterministic_and_filler_is_classic() -> None:
+    a = make_passkey_prompt(TOK, 500, 0.5, "12345", None)
+    assert a == make_passkey_prompt(TOK, 500, 0.5, "12345", None)
+    assert TOK.decode(a[0]).startswith(" " + " ".join(FILLER_SENTENCES))
+    varied = make_passkey_prompt(TOK, 2000, 0.5, "12345", 3)
+    assert varied == make_passkey_prompt(TOK, 2000, 0.5, "12345", 3)
+    assert varied != make_passkey_prompt(TOK, 2000, 0.5, "12345", 4)
+    assert varied != make_passkey_prompt(TOK, 2000, 0.5, "12345", None)
+
+
+def test_lazy_windows_equal_the_whole_prompt() -> None:
+    prompt = passkey_prompt(TOK, 3001, 0.37, "90210", filler_seed=11)
+    whole = prompt.ids()
+    assert [t for w in prompt.windows(97) for t in w] == whole
+    rng = random.Random(0)
+    for _ in range(50):
+        a = rng.randrange(0, 3001)
+        b = rng.randrange(a, 3002)
+        assert prompt.ids(a, b) == whole[a:b]
+    # A million-token prompt is addressable without building it.
+    big = passkey_prompt(TOK, 1_000_000, 0.5, "55555")
+    assert len(big.ids(999_000, 1_000_000)) == 1000
+    assert TOK.decode(big.ids(big.needle_start, big.needle_stop)).strip().startswith("The pass key is 55555.")
+
+
+def test_prompt_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="n_tokens must be an integer >= "):
+        make_passkey_prompt(TOK, 50, 0.5, "12345")
+    with pytest.raises(ValueError, match="depth"):
+        make_passkey_prompt(TOK, 500, 1.5, "12345")
+    with pytest.raises(ValueError, match="digits"):
+        make_passkey_prompt(TOK, 500, 0.5, "12a45")
+
+
+def test_passkey_documents() -> None:
+    docs = list(passkey_documents(TOK, 20, 200, 400, seed=1))
+    assert docs == list(passkey_documents(TOK, 20, 200, 400, seed=1))
+    for d in docs:
+        assert 200 <= d["tokens"] <= 400 and len(TOK.encode(d["text"])) == d["tokens"] + 7  # " 12345."
+        assert d["text"].endswith(f"The pass key is {d['key']}.") and d["text"].count(d["key"]) == 3
+    assert len({d["key"] for d in docs}) > 15
+
+
+def test_mmrec_windowed_equals_whole_and_transformer_skips() -> None:
+    torch.manual_seed(0)
+    model = mmrec.MMRecLM(
+        mmrec.MMRecConfig(vocab_size=257, d_model=32, n_layers=2, n_heads=2, chunk_size=8, mem_slots=4)
+    )
+    kwargs = dict(lengths=[200], depths=[0.0, 1.0], trials=2, device="cpu", log=None)
+    whole = evaluate_passkey(model, TOK, window=4096, **kwargs)
+    windowed = evaluate_passkey(model, TOK, window=37, **kwargs)
+    for a, b in zip(whole["cells"], windowed["cells"], strict=True):
+        assert a["exact_match"] == b["exact_match"] and a["answers"] == b["answers"]
+        assert a["digit_logprob"] == pytest.approx(b["digit_logprob"], abs=1e-4)
+        assert 0.0 <= a["exact_match"] <= 1.0 and a["digit_logprob"] <= 0.0
+        assert a["memory_bytes_per_stream"] == model.init_state(1).nbytes()
+    # A Transformer past its memory limit is skipped with the reason.
+    llama = build_task_model("llama", 257, 32, 2, 2)
+    res = evaluate_passkey(llama, TOK, max_memory_bytes=2**16, window=64, **kwargs)
+    assert all(c["exact_match"] is None and "KV cache" in c["note"] for c in res["cells"])
+    # Past its trained length it reads through a sliding window of that length.
+    res = evaluate_passkey(llama, TOK, window=64, trained_len=96, **kwargs)
+    assert all(c["mode"] == "sliding" and 0.0 <= c["exact_match"] <= 1.0 for c in res["cells"])
+
+
+WORDS = re.findall(r"\w+", "the king shall speak of love and war while the queen keeps her counsel in the hall")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from mmrec.train.config import TrainConfig
+    from mmrec.train.trainer import Trainer
+
+    tmp = tmp_path_factory.mktemp("passkey")
+    corpus = tmp / "corpus"
+    corpus.mkdir()
+    rng = random.Random(0)
+    for i in range(8):
+        (corpus / f"doc{i}.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(300)))
+    cfg = TrainConfig(
+        data=[str(corpus)],
+        data_cache=str(tmp / "cache"),
+        out=str(tmp / "run"),
+        d_model=32,
+        n_layers=2,
+        n_heads=2,
+        chunk_size=8,
+        mem_slots=4,
+        summary_window=2,
+        seq_len=32,
+        batch_size=4,
+        max_steps=2,
+        eval_every=2,
+        checkpoint_every=2,
+        sample_tokens=0,
+        eval_tokens=256,
+        device="cpu",
+    )
+    Trainer(cfg).fit()
+    return tmp / "run"
+
+
+def eval_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmrec")
+    sub = p.add_subparsers(dest="command", required=True)
+    ev = sub.add_parser("eval").add_subparsers(dest="eval_command", required=True)
+    synth_cli.add_passkey_parser(ev)
+    return p
+
+
+def test_cli_eval_passkey(checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pk"
+    args = eval_parser().parse_args(
+        ["eval", "passkey", "--checkpoint", str(checkpoint), "--lengths", "128", "300", "--depths", "0", "0.5", "1"]
+        + ["--trials", "2", "--window", "64", "--out", str(out), "--device", "cpu"]
+    )
+    assert args.func(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["cells"]) == 6 and results["arch"] == "mmrec" and results["trained_len"] == 32
+    for cell in results["cells"]:
+        assert 0.0 <= cell["exact_match"] <= 1.0 and cell["digit_logprob"] <= 0.0
+        assert cell["memory_bytes_per_stream"] > 0
+    md = (out / "results.md").read_text()
+    assert "| depth | 128 | 300 |" in md and "Exact match" in md
+    assert (out / "heatmap.png").stat().st_size > 0
+
+
+def test_cli_eval_passkey_errors(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    parser = eval_parser()
+    out = tmp_path / "o"
+    args = parser.parse_args(["eval", "passkey", "--checkpoint", str(checkpoint), "--lengths", "80", "--out", str(out)])
+    assert args.func(args) == 1
+    assert "--lengths 80: a prompt needs at least" in capsys.readouterr().err
+    assert not out.exists()  # nothing is created for a run that cannot start
+    args = parser.parse_args(["eval", "passkey", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+    assert args.func(args) == 1
+    assert "does not exist" in capsys.readouterr().err
+    not_ckpt = tmp_path / "folder"
+    not_ckpt.mkdir()
+    (not_ckpt / "notes.txt").write_text("hello")
+    args = parser.parse_args(["eval", "passkey", "--checkpoint", str(not_ckpt), "--out", str(tmp_path / "o")])
+    assert args.func(args) == 1
+    assert "is not a checkpoint of `mmrec train`" in capsys.readouterr().err
+    for bad in (["--depths", "1.5"], ["--trials", "0"], ["--lengths", "10"], ["--max-memory-gb", "-1"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["eval", "passkey", "--checkpoint", "x", "--out", "y", *bad])

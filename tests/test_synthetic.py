@@ -1,0 +1,285 @@
+"""Synthetic tasks: generator layouts, the scorer, a tiny MQAR run, windowed evaluation, memory refusal, CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+import mmrec
+from mmrec.evals import synth_cli
+from mmrec.evals.synthetic import IGNORE, PAD_ID, induction_batch, mqar_batch, score, selective_copy_batch
+from mmrec.evals.task_train import (
+    build_task_model,
+    evaluate_task,
+    plan_context,
+    state_floats,
+    train_task,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    # Tiny models run faster on one thread, and far faster when other jobs share the cores.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def tiny_mmrec(vocab: int = 64, d: int = 32, chunk: int = 8) -> mmrec.MMRecLM:
+    return mmrec.MMRecLM(
+        mmrec.MMRecConfig(
+            vocab_size=vocab, d_model=d, n_layers=2, n_heads=2, chunk_size=chunk, mem_slots=4, summary_window=2
+        )
+    )
+
+
+# Generators ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("random_filler", [False, True])
+def test_mqar_layout(random_filler: bool) -> None:
+    B, T, N, V = 16, 64, 8, 128
+    x, y = mqar_batch(B, T, N, V, gen(0), random_filler=random_filler)
+    assert x.shape == y.shape == (B, T) and x.dtype == y.dtype == torch.long
+    assert int(x.min()) >= 0 and int(x.max()) < V
+    for b in range(B):
+        keys, values = x[b, 0 : 2 * N : 2].tolist(), x[b, 1 : 2 * N : 2].tolist()
+        assert all(1 <= k < V // 2 for k in keys) and len(set(keys)) == N
+        assert all(V // 2 <= v < V for v in values) and len(set(values)) == N
+        pairs = dict(zip(keys, values, strict=True))
+        scored = (y[b] != IGNORE).nonzero()[:, 0].tolist()
+        # Scored positions lie in the query region, one per key: each key is queried exactly once ...
+        assert len(scored) == N and min(scored) >= 2 * N
+        queried = [x[b, t].item() for t in scored]
+        assert sorted(queried) == sorted(keys)
+        for t in scored:
+            # ... the target is its value, and the value follows the query key in the input.
+            assert y[b, t].item() == pairs[x[b, t].item()] == x[b, t + 1].item()
+        if not random_filler:
+            query_slots = set(scored) | {t + 1 for t in scored}
+            rest = [x[b, t].item() for t in range(2 * N, T) if t not in query_slots]
+            assert all(tok == PAD_ID for tok in rest)
+    # The query order is not the order of the pairs.
+    orders = [[x[b, t].item() for t in (y[b] != IGNORE).nonzero()[:, 0]] for b in range(B)]
+    assert any(o != x[b, 0 : 2 * N : 2].tolist() for b, o in enumerate(orders))
+
+
+def test_mqar_deterministic_and_seeded() -> None:
+    a = mqar_batch(4, 64, 8, 128, gen(3))
+    b = mqar_batch(4, 64, 8, 128, gen(3))
+    c = mqar_batch(4, 64, 8, 128, gen(4))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0])
+
+
+def test_mqar_power_law_favours_early_queries() -> None:
+    x, y = mqar_batch(64, 512, 16, 1024, gen(0), power_a=0.01)
+    _, y_uniform = mqar_batch(64, 512, 16, 1024, gen(0), power_a=1.0)
+    mean_pos = lambda t: (t != IGNORE).nonzero()[:, 1].float().mean()  # noqa: E731
+    assert mean_pos(y) < mean_pos(y_uniform) - 50
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "names"),
+    [
+        (dict(seq_len=15, kv_pairs=4, vocab_size=64), "seq_len"),
+        (dict(seq_len=64, kv_pairs=8, vocab_size=16), "vocab_size"),
+        (dict(seq_len=64, kv_pairs=0, vocab_size=64), "kv_pairs"),
+    ],
+)
+def test_mqar_rejects_bad_arguments(kwargs: dict, names: str) -> None:
+    with pytest.raises(ValueError, match=names):
+        mqar_batch(2, generator=gen(0), **kwargs)
+
+
+def test_generators_need_a_torch_generator() -> None:
+    with pytest.raises(TypeError, match="torch.Generator"):
+        mqar_batch(2, 32, 4, 64, 0)  # type: ignore[arg-type]
+
+
+def test_induction_layout() -> None:
+    B, T, V = 32, 40, 16
+    x, y = induction_batch(B, T, V, gen(0))
+    trigger = V - 1
+    assert (y[:, :-1] == IGNORE).all()
+    for b in range(B):
+        where = (x[b] == trigger).nonzero()[:, 0].tolist()
+        assert len(where) == 2 and where[1] == T - 1 and where[0] < T - 2
+        assert y[b, -1].item() == x[b, where[0] + 1].item() != trigger
+    # prefix_len bounds where the first trigger may fall.
+    x, _ = induction_batch(B, T, V, gen(1), prefix_len=8)
+    assert ((x[:, :-1] == trigger).nonzero()[:, 1] < 7).all()
+    assert torch.equal(induction_batch(2, T, V, gen(5))[0], induction_batch(2, T, V, gen(5))[0])
+
+
+def test_selective_copy_layout() -> None:
+    B, T, n, V = 16, 48, 6, 10
+    x, y = selective_copy_batch(B, T, n, V, gen(0))
+    marker = V - 1
+    assert (x[:, T - n :] == marker).all() and (y[:, : T - n] == IGNORE).all()
+    for b in range(B):
+        data = [t for t in x[b, : T - n].tolist() if t != PAD_ID]
+        assert len(data) == n and all(1 <= t < marker for t in data)
+        assert y[b, T - n :].tolist() == data  # the data tokens, in order
+    with pytest.raises(ValueError, match="n_tokens"):
+        selective_copy_batch(2, 10, 6, V, gen(0))
+
+
+# Scorer ----------------------------------------------------------------------
+
+
+def test_score_oracle_and_chance() -> None:
+    V = 64
+    x, y = mqar_batch(64, 64, 8, V, gen(0))
+    oracle = torch.nn.functional.one_hot(y.clamp_min(0), V).float()
+    correct, total = score(oracle, y)
+    assert total == 64 * 8 and correct == total
+    correct, total = score(torch.randn(64, 64, V, generator=gen(1)), y)
+    assert abs(correct / total - 1 / V) < 0.02  # 512 draws: chance 0.016 +- 0.006
+    assert score(torch.zeros(2, 3, V), torch.full((2, 3), IGNORE)) == (0, 0)
+
+
+# Training and evaluation -----------------------------------------------------
+
+
+def test_tiny_mqar_training_learns() -> None:
+    """MM-Rec learns 2-pair recall from nothing in 200 steps: far above chance (1/32), loss down by half."""
+    torch.manual_seed(0)
+    model = build_task_model("mmrec", 64, 48, 2, 2, chunk_size=8, mem_slots=8, summary_window=4)
+
+    def make_batch(b: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return mqar_batch(b, 32, 2, 64, g)
+
+    result = train_task(model, make_batch, steps=200, batch_size=32, lr=5e-3, device="cpu", seed=0, log=None)
+    history = result["history"]
+    assert len(history) == 200 and len(result["train_accuracy"]) == 200
+    assert sum(history[-10:]) / 10 < 0.5 * history[0]
+    assert result["accuracy"] > 0.4, result["accuracy"]
+
+
+def test_windowed_evaluation_equals_whole_for_mmrec() -> None:
+    model = tiny_mmrec(vocab=16)
+
+    def make_batch(b: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return selective_copy_batch(b, 100, 8, 16, g)
+
+    whole = evaluate_task(model, make_batch, 2, 4, "cpu")
+    windowed = evaluate_task(model, make_batch, 2, 4, "cpu", window=24)  # not a multiple of the chunk
+    assert whole.total == windowed.total == 2 * 4 * 8
+    assert whole.correct == windowed.correct
+    assert windowed.mode == "recurrent" and "windows of 24" in windowed.note
+    # And the logits themselves agree.
+    x, _ = make_batch(2, gen(0))
+    with torch.no_grad():
+        full = model(x).logits
+        state, parts = None, []
+        for s in range(0, 100, 24):
+            out = model(x[:, s : s + 24], state=state)
+            state = out.state
+            parts.append(out.logits)
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-4, atol=1e-4)
+
+
+def test_transformer_refuses_beyond_memory_limit() -> None:
+    model = build_task_model("llama", 16, 32, 2, 2, max_seq_len=64)
+
+    def make_batch(b: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return induction_batch(b, 4096, 16, g)
+
+    # 2 x 2 layers x 32 x 4 bytes x 4096 tokens x 4 streams = 8 MiB > 1 MiB: refused before any work.
+    result = evaluate_task(model, make_batch, 1, 4, "cpu", window=512, max_memory_bytes=2**20, beyond="full")
+    assert result.accuracy is None and result.skipped
+    assert "KV cache" in result.note and "limit" in result.note and "8.00 MiB" in result.note
+    # The same length with a sliding window of the training length fits and runs.
+    result = evaluate_task(model, make_batch, 1, 4, "cpu", window=512, max_memory_bytes=2**20, trained_len=64)
+    assert result.mode == "sliding" and result.accuracy is not None
+
+
+def test_sliding_window_plan_bounds_every_attention_span() -> None:
+    model = build_task_model("llama", 16, 32, 2, 2, max_seq_len=64)
+    plan = plan_context(model, 1000, 2, window=256, trained_len=64)
+    assert plan.mode == "sliding" and plan.keep is not None and plan.keep + plan.window <= 64
+    state = None
+    x = torch.randint(0, 16, (2, 200))
+    with torch.no_grad():
+        for s, e in plan.windows(200):
+            out = plan.feed(model, x[:, s:e], state)
+            state = out.state
+            assert state.keys.size(3) <= plan.keep
+    gpt = build_task_model("gpt", 16, 32, 2, 2, max_seq_len=64)
+    assert "learns positions" in plan_context(gpt, 1000, 2, trained_len=64).note
+
+
+def test_state_floats() -> None:
+    mm = tiny_mmrec()
+    assert state_floats(mm, 100) == state_floats(mm, 10**6) == mm.init_state(1).nbytes() // 4
+    llama = build_task_model("llama", 64, 32, 2, 2)
+    assert state_floats(llama, 512) == 2 * 2 * 32 * 512
+    mistral = build_task_model("mistral", 64, 32, 2, 2, attn_window=16)
+    assert state_floats(mistral, 512) == 2 * 2 * 32 * 16
+
+
+# Command line ----------------------------------------------------------------
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmrec")
+    sub = p.add_subparsers(dest="command", required=True)
+    synth_cli.add_synth_parser(sub)
+    return p
+
+
+TINY_MODEL = ["--d-model", "16", "--n-heads", "2", "--chunk-size", "8", "--mem-slots", "4", "--log-every", "5"]
+
+
+def test_cli_mqar_writes_results(tmp_path) -> None:  # noqa: ANN001
+    out = tmp_path / "mqar"
+    args = parser().parse_args(
+        ["synth", "mqar", *TINY_MODEL, "--seq-len", "32", "--kv-pairs", "4", "--vocab-size", "64"]
+        + ["--steps", "6", "--batch-size", "4", "--eval-batches", "1", "--out", str(out), "--device", "cpu"]
+    )
+    assert args.func(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    for key in ("accuracy", "state_floats", "arch", "d_model", "seq_len", "kv_pairs", "vocab_size", "steps"):
+        assert key in results
+    assert 0.0 <= results["accuracy"] <= 1.0 and results["params"] > 0 and results["train_seconds"] > 0
+    assert (out / "results.md").read_text().startswith("# MQAR")
+    assert (out / "loss.png").stat().st_size > 0
+
+
+def test_cli_induction_streams_long_and_skips_what_cannot_run(tmp_path) -> None:  # noqa: ANN001
+    common = ["--train-len", "32", "--test-lens", "32", "300", "--steps", "3", "--batch-size", "4"]
+    common += ["--test-batches", "1", "--window", "64", "--device", "cpu"]
+    out = tmp_path / "ind"
+    args = parser().parse_args(["synth", "induction", *TINY_MODEL, *common, "--out", str(out)])
+    assert args.func(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["accuracy"]) == {"32", "300"}
+    assert results["per_length"]["300"]["mode"] == "recurrent"
+    assert (out / "accuracy.png").exists() and "| 300 |" in (out / "results.md").read_text()
+    out = tmp_path / "gpt"
+    args = parser().parse_args(
+        ["synth", "selective-copy", "--arch", "gpt", *TINY_MODEL, *common, "--n-tokens", "4", "--out", str(out)]
+    )
+    assert args.func(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["accuracy"]["300"] is None and "learns positions" in results["per_length"]["300"]["note"]
+
+
+def test_cli_rejects_bad_arguments(tmp_path, capsys) -> None:  # noqa: ANN001
+    with pytest.raises(SystemExit):
+        parser().parse_args(["synth", "mqar", "--steps", "0", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        parser().parse_args(["synth", "mqar", "--arch", "rwkv", "--out", str(tmp_path)])
+    args = parser().parse_args(["synth", "mqar", "--seq-len", "16", "--kv-pairs", "8", "--out", str(tmp_path / "x")])
+    assert args.func(args) == 1
+    assert "seq_len 16 is too short" in capsys.readouterr().err
