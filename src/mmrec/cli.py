@@ -187,7 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", action="append", help="text files/folders to score (default: the run's validation split)"
     )
     bpb.add_argument("--out", required=True, help="folder for results.json, results.md and the figure")
-    bpb.add_argument("--cut", type=int, default=2048, help="tokens of context in the cut condition (default 2048)")
+    bpb.add_argument(
+        "--cut",
+        type=int,
+        default=None,
+        help="tokens of context in the cut condition (default: min(2048, trained length))",
+    )
     bpb.add_argument("--window", type=int, default=4096, help="MM-Rec streaming window (default 4096)")
     bpb.add_argument("--max-docs", type=int, default=None, help="score at most this many documents")
     bpb.add_argument("--max-tokens", type=int, default=None, help="truncate documents to this many tokens")

@@ -218,7 +218,7 @@ def run(
     checkpoint: str,
     data: list[str] | None,
     out: str,
-    cut: int = 2048,
+    cut: int | None = None,
     window: int = 4096,
     max_docs: int | None = None,
     max_tokens: int | None = None,
@@ -236,6 +236,8 @@ def run(
     )
     lm = load_checkpoint(checkpoint, dev)
     tok = lm.tokenizer
+    # A Transformer scored with more context than it was trained on measures extrapolation, not context use.
+    cut = cut if cut is not None else min(2048, lm.trained_seq_len)
     if cut < 2:
         raise ValueError(f"--cut must be >= 2 tokens, got {cut}")
 

@@ -126,7 +126,7 @@ def _add_train_args(p: argparse.ArgumentParser, steps: int, batch: int, lr: floa
         "--max-minutes",
         type=_positive_float,
         default=None,
-        help="time budget: after 20 timed steps, lower --steps so training (schedule included) fits it",
+        help="time budget: after 30 steps (the last 20 timed), lower --steps so training (schedule included) fits it",
     )
     p.add_argument("--out", required=True, help="output folder (created)")
 
