@@ -20,3 +20,51 @@ def pytest_collection_modifyitems(config, items):  # noqa: ANN001
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def write_corpus(
+    folder, n_docs: int, words: list[str], seed: int = 0, min_words: int = 50, max_words: int = 400, lines: bool = False
+):  # noqa: ANN001, ANN201
+    """A folder of ``n_docs`` generated text files drawn from ``words`` (one sentence per line with ``lines``)."""
+    import random
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    for i in range(n_docs):
+        if lines:
+            text = "\n".join(
+                " ".join(rng.choice(words) for _ in range(rng.randint(5, 12))).capitalize() + "."
+                for _ in range(rng.randint(max(1, min_words // 8), max(2, max_words // 8)))
+            )
+        else:
+            text = " ".join(rng.choice(words) for _ in range(rng.randint(min_words, max_words)))
+        (folder / f"doc{i:03d}.txt").write_text(text + "\n")
+    return folder
+
+
+def tiny_train_config(corpus, root, **overrides):  # noqa: ANN001, ANN201
+    """A TrainConfig for a model of a few thousand parameters that trains in seconds on ``corpus``."""
+    from mmrec.train.config import TrainConfig
+
+    base = dict(
+        data=[str(corpus)],
+        data_cache=str(root / "cache"),
+        out=str(root / "run"),
+        d_model=32,
+        n_layers=2,
+        n_heads=2,
+        chunk_size=8,
+        mem_slots=4,
+        summary_window=2,
+        seq_len=32,
+        batch_size=4,
+        eval_tokens=512,
+        sample_tokens=0,
+        log_every=1,
+        max_steps=2,
+        eval_every=2,
+        checkpoint_every=2,
+    )
+    return TrainConfig(**{**base, **overrides})

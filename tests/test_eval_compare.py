@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -13,10 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import tiny_train_config, write_corpus
 from mmrec import ByteTokenizer, MMRecConfig, MMRecLM, TransformerConfig, TransformerLM
 from mmrec.evals.bpb import evaluate_bpb, sliding_nats, stream_nats
 from mmrec.evals.speed import fit_exponent
-from mmrec.train.config import TrainConfig
 from mmrec.train.trainer import Trainer
 
 TEXT = "Ünïcödé text — with 多字节 characters; " * 30
@@ -78,32 +77,10 @@ def test_fit_exponent():
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("evalrun")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    rng = random.Random(1)
-    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu"]
-    for i in range(40):
-        (corpus / f"d{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(rng.randint(50, 400))) + "\n")
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()  # noqa: SIM905
+    corpus = write_corpus(root / "corpus", 40, words, seed=1)
     Trainer(
-        TrainConfig(
-            data=[str(corpus)],
-            data_cache=str(root / "cache"),
-            out=str(root / "run"),
-            d_model=32,
-            n_layers=2,
-            n_heads=2,
-            chunk_size=8,
-            mem_slots=4,
-            summary_window=2,
-            seq_len=64,
-            batch_size=4,
-            max_steps=6,
-            eval_every=3,
-            checkpoint_every=3,
-            sample_tokens=0,
-            eval_tokens=512,
-            log_every=3,
-        )
+        tiny_train_config(corpus, root, seq_len=64, max_steps=6, eval_every=3, checkpoint_every=3, log_every=3)
     ).fit()
     return root
 
@@ -147,30 +124,8 @@ def test_stages_command_over_a_finished_run(trained_run):
 
 
 def test_compare_micro_end_to_end(tmp_path):
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    rng = random.Random(2)
-    words = [
-        "to",
-        "be",
-        "or",
-        "not",
-        "that",
-        "is",
-        "the",
-        "question",
-        "whether",
-        "tis",
-        "nobler",
-        "in",
-        "mind",
-        "suffer",
-        "slings",
-        "arrows",
-    ]
-    for i in range(40):
-        lines = [" ".join(rng.choice(words) for _ in range(rng.randint(4, 10))) for _ in range(rng.randint(20, 60))]
-        (corpus / f"play{i}.txt").write_text("\n".join(lines) + "\n")
+    words = "to be or not that is the question whether tis nobler in mind suffer slings arrows".split()  # noqa: SIM905
+    corpus = write_corpus(tmp_path / "corpus", 40, words, seed=2, min_words=160, max_words=480, lines=True)
     out = tmp_path / "cmp"
     proc = run_mmrec("compare", "--preset", "micro", "--data", str(corpus), "--out", str(out), cache=tmp_path / "cache")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -131,34 +131,12 @@ WORDS = re.findall(r"\w+", "the king shall speak of love and war while the queen
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from mmrec.train.config import TrainConfig
+    from conftest import tiny_train_config, write_corpus
     from mmrec.train.trainer import Trainer
 
     tmp = tmp_path_factory.mktemp("passkey")
-    corpus = tmp / "corpus"
-    corpus.mkdir()
-    rng = random.Random(0)
-    for i in range(8):
-        (corpus / f"doc{i}.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(300)))
-    cfg = TrainConfig(
-        data=[str(corpus)],
-        data_cache=str(tmp / "cache"),
-        out=str(tmp / "run"),
-        d_model=32,
-        n_layers=2,
-        n_heads=2,
-        chunk_size=8,
-        mem_slots=4,
-        summary_window=2,
-        seq_len=32,
-        batch_size=4,
-        max_steps=2,
-        eval_every=2,
-        checkpoint_every=2,
-        sample_tokens=0,
-        eval_tokens=256,
-        device="cpu",
-    )
+    corpus = write_corpus(tmp / "corpus", 8, list(WORDS), min_words=300, max_words=300)
+    cfg = tiny_train_config(corpus, tmp, eval_tokens=256, device="cpu")
     Trainer(cfg).fit()
     return tmp / "run"
 

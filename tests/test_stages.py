@@ -467,22 +467,10 @@ def _fake_run(root: Path, corpus: Path) -> Path:
     """A run directory as ``mmrec train`` leaves it: checkpoints (weights, meta.json, tokenizer) and eval.csv."""
     from safetensors.torch import save_file
 
-    from mmrec.train.config import TrainConfig
+    from conftest import tiny_train_config
     from mmrec.train.trainer import build_model
 
-    cfg = TrainConfig(
-        data=[str(corpus)],
-        data_cache=str(root / "cache"),
-        out=str(root / "run"),
-        d_model=32,
-        n_layers=2,
-        n_heads=2,
-        chunk_size=8,
-        mem_slots=4,
-        summary_window=2,
-        seq_len=32,
-        batch_size=4,
-    )
+    cfg = tiny_train_config(corpus, root)
     run = root / "run"
     for step in (2, 4):
         step_dir = run / f"step-{step:06d}"

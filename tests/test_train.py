@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import tiny_train_config, write_corpus
 from mmrec.config import ConfigError
 from mmrec.data.sources import DataError
 from mmrec.train.config import TrainConfig
@@ -58,40 +58,12 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    for i in range(120):
-        lines = [
-            " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 12))).capitalize() + "."
-            for _ in range(rng.randint(3, 15))
-        ]
-        (root / f"doc{i:03d}.txt").write_text("\n".join(lines) + "\n")
-    return root
+    return write_corpus(tmp_path_factory.mktemp("corpus"), 120, WORDS, min_words=24, max_words=120, lines=True)
 
 
 def tiny_config(corpus: Path, tmp: Path, **kw) -> TrainConfig:
-    base = dict(
-        data=[str(corpus)],
-        data_cache=str(tmp / "cache"),
-        out=str(tmp / "run"),
-        d_model=32,
-        n_layers=2,
-        n_heads=2,
-        chunk_size=8,
-        mem_slots=4,
-        summary_window=2,
-        seq_len=32,
-        batch_size=4,
-        eval_tokens=512,
-        sample_tokens=16,
-        log_every=1,
-        lr=3e-3,
-        warmup_steps=2,
-        max_steps=8,
-        eval_every=4,
-        checkpoint_every=4,
-    )
-    return TrainConfig(**{**base, **kw})
+    base = dict(sample_tokens=16, lr=3e-3, warmup_steps=2, max_steps=8, eval_every=4, checkpoint_every=4)
+    return tiny_train_config(corpus, tmp, **{**base, **kw})
 
 
 def run_cli(args: list[str], tmp: Path, **kw) -> subprocess.Popen:

@@ -11,6 +11,7 @@ from mmrec.config import MMRecConfig
 from mmrec.data.builtin import builtin_documents
 from mmrec.models import MMRecLM, matched_transformer_config
 from mmrec.tokenizer import ByteTokenizer
+from mmrec.utils.fmt import human_bytes
 
 
 @dataclass
@@ -19,14 +20,6 @@ class DemoOptions:
     window: int = 4096
     seed: int = 0
     generate: int = 48
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:,.1f} {unit}"
-        n /= 1024
-    return f"{n:,.1f} TiB"
 
 
 def run_demo(opts: DemoOptions) -> dict[str, float]:
@@ -58,7 +51,7 @@ def run_demo(opts: DemoOptions) -> dict[str, float]:
             nll += float(torch.nn.functional.cross_entropy(logits[0], targets[0], reduction="sum"))
             done = state.position
             print(
-                f"  {done:>8,} tokens   state {_human(state.nbytes())}   "
+                f"  {done:>8,} tokens   state {human_bytes(state.nbytes())}   "
                 f"{done / (time.perf_counter() - t0):,.0f} tokens/s"
             )
     elapsed = time.perf_counter() - t0
@@ -68,8 +61,8 @@ def run_demo(opts: DemoOptions) -> dict[str, float]:
     kv_bytes = 2 * llama.n_layers * llama.d_model * 4 * state.position
     bpb = nll / (stream.size(1) - 1) / 0.6931471805599453
     print(
-        f"state after {state.position:,} tokens: {_human(state.nbytes())} "
-        f"(a matched LLaMA-style KV cache would hold {_human(kv_bytes)})"
+        f"state after {state.position:,} tokens: {human_bytes(state.nbytes())} "
+        f"(a matched LLaMA-style KV cache would hold {human_bytes(kv_bytes)})"
     )
     print(f"throughput: {state.position / elapsed:,.0f} tokens/s (inference, CPU threads: {torch.get_num_threads()})")
     print(f"bits per byte of the untrained model: {bpb:.2f} (uniform over 257 ids: 8.01)")

@@ -8,6 +8,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from mmrec.utils.fmt import human_bytes
+
 LABELS = {"mmrec": "MM-Rec", "gpt": "GPT-style", "llama": "LLaMA-style", "mistral": "Mistral-style"}
 COLORS = {"mmrec": "#d62728", "gpt": "#1f77b4", "llama": "#2ca02c", "mistral": "#9467bd"}
 STAGE_COLORS = ["#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
@@ -38,14 +40,6 @@ def _fmt(v: Any, digits: int = 3) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "-"
     return f"{v:.{digits}f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v)
-
-
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024:
-            return f"{n:,.1f} {unit}"
-        n /= 1024
-    return f"{n:,.1f} PiB"
 
 
 def _plt() -> Any:
@@ -314,7 +308,7 @@ def _report_lines(
             for k in keys
         ],
     )
-    row("bytes carried at 32K context", [_human_bytes(models[k]["speed"]["state_bytes_32k"]["bytes"]) for k in keys])
+    row("bytes carried at 32K context", [human_bytes(models[k]["speed"]["state_bytes_32k"]["bytes"]) for k in keys])
     row("attention cost: fitted exponent of time vs length", [_fmt(models[k]["speed"]["exponent"], 2) for k in keys])
     row("final validation bits/byte", [_fmt(models[k]["summary"].get("val_bpb")) for k in keys])
     lines += [
@@ -389,7 +383,7 @@ def _report_lines(
             for r in s["train"]
         ]
         dec = [
-            f"{d['ms_per_token']:.2f} ms, {_human_bytes(d['state_bytes'])}"
+            f"{d['ms_per_token']:.2f} ms, {human_bytes(d['state_bytes'])}"
             if "ms_per_token" in d
             else d.get("skipped", "-")
             for d in s["decode"]
@@ -496,10 +490,9 @@ def _findings(
     )
     st32 = {k: models[k]["speed"]["state_bytes_32k"]["bytes"] for k in keys}
     if "mmrec" in st32:
-        others = ", ".join(f"{LABELS[k]} {_human_bytes(v)}" for k, v in st32.items() if k != "mmrec")
+        others = ", ".join(f"{LABELS[k]} {human_bytes(v)}" for k, v in st32.items() if k != "mmrec")
         out.append(
-            f"Memory carried at 32K tokens of context: MM-Rec {_human_bytes(st32['mmrec'])} (constant) "
-            f"against {others}."
+            f"Memory carried at 32K tokens of context: MM-Rec {human_bytes(st32['mmrec'])} (constant) against {others}."
         )
     bands = next((s.get("bands") for s in stages.values() if s and s.get("bands")), None)
     if bands and ranked:

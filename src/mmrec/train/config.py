@@ -4,16 +4,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
-from mmrec.config import ConfigError, ConfigMixin, _doc
-
-
-def _positive(cfg: Any, *names: str) -> None:
-    for name in names:
-        v = getattr(cfg, name)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ConfigError(f"{name}: must be an integer >= 1, got {v!r}")
+from mmrec.config import ConfigError, ConfigMixin, _doc, _positive
 
 
 @dataclass
@@ -44,7 +36,7 @@ class TrainConfig(ConfigMixin):
         "Size a transformer's MLP to the parameter count of the MM-Rec with the same flags.", default=True
     )
     # Optimisation
-    max_steps: int = _doc("Optimizer steps to train.", default=1000)
+    max_steps: int = _doc("Optimizer steps to train.", default=200)
     seq_len: int = _doc("Tokens per training window (the curriculum may change it).", default=512)
     batch_size: int = _doc(
         "Sequences per step at --seq-len, over all processes; the curriculum keeps batch x length constant.",
@@ -70,7 +62,7 @@ class TrainConfig(ConfigMixin):
         default=None,
     )
     # Evaluation, logging, checkpoints
-    eval_every: int = _doc("Evaluate on validation data every N steps (and at the end).", default=100)
+    eval_every: int = _doc("Evaluate on validation data every N steps (and at the end).", default=50)
     eval_tokens: int = _doc("Validation tokens per source per evaluation.", default=32768)
     eval_seq_len: int | None = _doc("Window of the evaluation (default: the longest training window).", default=None)
     track_stages: bool = _doc(
@@ -78,7 +70,7 @@ class TrainConfig(ConfigMixin):
     )
     stage_probes: int = _doc("Examples per stage probe (knowledge, induction, key-value lookup).", default=32)
     log_every: int = _doc("Print a log line every N steps.", default=10)
-    checkpoint_every: int = _doc("Save a checkpoint every N steps (and at the end).", default=500)
+    checkpoint_every: int = _doc("Save a checkpoint every N steps (and at the end).", default=100)
     keep_checkpoints: int = _doc("Keep the newest K checkpoints.", default=3)
     out: str | None = _doc(
         "Run directory (checkpoints, metrics.csv, TensorBoard, plots); default runs/ARCH-DATE-TIME.", default=None

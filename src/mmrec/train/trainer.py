@@ -50,6 +50,7 @@ from mmrec.train.distributed import (
 from mmrec.train.metrics import MetricsWriter
 from mmrec.train.schedule import Curriculum
 from mmrec.utils.cpu import tune_glibc_malloc
+from mmrec.utils.fmt import human_time
 
 LN2 = math.log(2.0)
 
@@ -113,13 +114,6 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> nn.Module:
             target = MMRecLM(mm_cfg).num_parameters()
         return TransformerLM(matched_transformer_config(target, **kwargs))
     return TransformerLM(TransformerConfig(**kwargs))
-
-
-def _fmt_time(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
 class Trainer:
@@ -464,21 +458,24 @@ class Trainer:
         cfg = self.cfg
         self.model.train()
         t_start = time.perf_counter()
-        t_log, tokens_log, steps_log = t_start, self.tokens, 0
+        tokens_log, steps_log = self.tokens, 0
+        # Throughput counts training steps only, not evaluations or checkpoints between them.
         step_times: list[float] = []
         last_eval: dict[str, float] = {}
         start_tokens = self.tokens
         interrupted = False
         while self.step < cfg.max_steps:
             t0 = time.perf_counter()
+            tokens_before = self.tokens
             row = self._train_step()
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             step_times.append(time.perf_counter() - t0)
             steps_log += 1
-            now = time.perf_counter()
-            tps = (self.tokens - tokens_log) / max(now - t_log, 1e-9)
-            row.update(tokens_per_s=tps, elapsed_s=now - t_start)
+            row.update(
+                tokens_per_s=(self.tokens - tokens_before) / max(step_times[-1], 1e-9),
+                elapsed_s=time.perf_counter() - t_start,
+            )
             self.metrics.train(row)
             if self.bad_in_row >= cfg.max_bad_steps:
                 last = ckpt.list_checkpoints(self.out)
@@ -490,13 +487,14 @@ class Trainer:
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                 recent = step_times[-steps_log:]
                 eta = (cfg.max_steps - self.step) * (sum(recent) / len(recent))
+                tps = (self.tokens - tokens_log) / max(sum(recent), 1e-9)
                 self.log(
                     f"step {self.step:>6}/{cfg.max_steps} | loss {row['loss']:.4f} | bpb {row['bpb']:.3f} | "
                     f"lr {row['lr']:.2e} | gnorm {row['grad_norm']:.2f} | {tps:,.0f} tok/s | "
-                    f"mem {self._memory_gib():.1f} GiB | ETA {_fmt_time(eta)}"
+                    f"mem {self._memory_gib():.1f} GiB | ETA {human_time(eta)}"
                     + (f" | skipped {self.skipped}" if self.skipped else "")
                 )
-                t_log, tokens_log, steps_log = now, self.tokens, 0
+                tokens_log, steps_log = self.tokens, 0
             stop = self._stop_requested()
             if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
                 last_eval = self.evaluate()
@@ -518,8 +516,9 @@ class Trainer:
         summary = {
             "steps": self.step,
             "tokens": self.tokens,
-            "tokens_per_s": (self.tokens - start_tokens) / max(elapsed, 1e-9),
-            "train_seconds": elapsed,
+            "tokens_per_s": (self.tokens - start_tokens) / max(sum(step_times), 1e-9),
+            "train_seconds": sum(step_times),
+            "wall_seconds": elapsed,
             "skipped_steps": self.skipped,
             "interrupted": interrupted,
             "signal": signal.Signals(self.stop_signal).name if self.stop_signal else None,
@@ -579,8 +578,8 @@ class Trainer:
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         lines = [
             "",
-            f"done: {summary['steps']} steps, {summary['tokens']:,} tokens in {_fmt_time(summary['train_seconds'])} "
-            f"({summary['tokens_per_s']:,.0f} tokens/s)",
+            f"done: {summary['steps']} steps, {summary['tokens']:,} tokens in {human_time(summary['wall_seconds'])} "
+            f"({summary['tokens_per_s']:,.0f} tokens/s while training)",
         ]
         if "val_loss" in summary:
             lines.append(f"validation: loss {summary['val_loss']:.4f} nats/token, {summary['val_bpb']:.3f} bits/byte")
