@@ -150,3 +150,34 @@ def test_compare_micro_end_to_end(tmp_path):
     for key in results["models"]:
         stages = json.loads((out / key / "stages.json").read_text())
         assert len(stages["stages"]) == 5
+
+
+def test_generate_streams_text_and_sessions_continue_exactly(trained_run, tmp_path):
+    import io
+
+    from mmrec.generate import run_generate
+    from mmrec.models.state import StateError
+
+    ckpt = str(trained_run / "run")
+    first = io.StringIO()
+    gen1 = run_generate(ckpt, "alpha beta", 12, temperature=0.0, state_out=str(tmp_path / "s.safetensors"), out=first)
+    assert first.getvalue() == gen1 + "\n"
+    gen2 = run_generate(
+        ckpt, " gamma", 12, temperature=0.0, state_in=str(tmp_path / "s.safetensors"), out=io.StringIO()
+    )
+    whole = run_generate(ckpt, "alpha beta" + gen1 + " gamma", 12, temperature=0.0, out=io.StringIO())
+    assert gen2 == whole, "a session continued from its saved state equals one call over the whole text"
+    with pytest.raises(ValueError, match="prompt is empty"):
+        run_generate(ckpt, "", 3, out=io.StringIO())
+    other = MMRecLM(MMRecConfig(vocab_size=257, d_model=64, n_layers=2, n_heads=2)).init_state(1)
+    other.save(tmp_path / "other.safetensors", config=other_cfg_dict())
+    with pytest.raises(StateError, match="another config"):
+        run_generate(ckpt, "x", 3, state_in=str(tmp_path / "other.safetensors"), out=io.StringIO())
+    proc = run_mmrec(
+        "generate", "--checkpoint", ckpt, "--prompt", "alpha", "--max-new-tokens", "8", cache=trained_run / "cache"
+    )
+    assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr
+
+
+def other_cfg_dict() -> dict:
+    return MMRecConfig(vocab_size=257, d_model=64, n_layers=2, n_heads=2).to_dict()

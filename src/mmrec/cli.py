@@ -128,6 +128,24 @@ def _stages(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from mmrec.generate import run_generate
+
+    run_generate(
+        args.checkpoint,
+        args.prompt,
+        args.max_new_tokens,
+        args.temperature,
+        args.top_k,
+        args.top_p,
+        args.seed,
+        args.device,
+        args.state_in,
+        args.state_out,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from mmrec.cliargs import add_dataclass_arguments
     from mmrec.train.config import TrainConfig
@@ -229,6 +247,25 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--max-steps", type=int, default=None, help="override the preset's training steps")
     cmp.add_argument("--data-cache", default=None, help="folder for prepared token shards")
     cmp.set_defaults(func=_compare)
+
+    gen = sub.add_parser(
+        "generate",
+        help="generate text from a checkpoint, streamed; sessions keep memory",
+        description="Continue --prompt with a trained model, printing text as it is sampled. "
+        "--state-out saves the model's state after the call and --state-in continues from it, "
+        "so a session keeps its long-term memory without re-reading its history.",
+    )
+    gen.add_argument("--checkpoint", required=True, help="a run directory or step-NNNNNN directory of mmrec train")
+    gen.add_argument("--prompt", required=True, help="text to continue")
+    gen.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default: 200)")
+    gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: 0.8)")
+    gen.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens (default: 50)")
+    gen.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default: off)")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    gen.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    gen.add_argument("--state-in", default=None, help="continue the session saved in this state file")
+    gen.add_argument("--state-out", default=None, help="save the state after this call (safetensors)")
+    gen.set_defaults(func=_generate)
 
     stg = sub.add_parser("stages", help="measure the learning stages over a finished training run")
     stg.add_argument("run", help="run directory of mmrec train")
