@@ -227,22 +227,18 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)
         model = build_model(cfg, self.tokenizer.vocab_size).to(self.device)
-        self.raw_model = model
         n_params = sum(p.numel() for p in model.parameters())
-        decay = [p for p in model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in model.parameters() if p.dim() < 2]
         self.model = wrap_model(
             model, self.dist, self.device, cfg.fsdp, find_unused=cfg.arch == "mmrec" and bool(cfg.carry_state)
         )
         self.ddp = self.model if isinstance(self.model, torch.nn.parallel.DistributedDataParallel) else None
         if cfg.compile:
             self.model = torch.compile(self.model)  # type: ignore[assignment]
-        params = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        if cfg.fsdp and self.dist.enabled:
-            params = [
-                {"params": [p for p in self.model.parameters() if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-                {"params": [p for p in self.model.parameters() if p.dim() < 2], "weight_decay": 0.0},
-            ]
+        # Taken after wrapping: DDP and compile expose the same tensors, FSDP2 the sharded ones.
+        params = [
+            {"params": [p for p in self.model.parameters() if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in self.model.parameters() if p.dim() < 2], "weight_decay": 0.0},
+        ]
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=self.device.type == "cuda")
 
         names = sorted(self.dataset.sources)
@@ -337,7 +333,8 @@ class Trainer:
 
     def _set_stage(self) -> None:
         stage = self.curriculum.at(self.tokens)
-        if stage.index != self.stage_index or stage.weights != self.loader.weights:
+        weights = {n: float(stage.weights.get(n, 0.0)) for n in self.loader.names}
+        if stage.index != self.stage_index or weights != self.loader.weights:
             max_k = all_reduce_max_int(self.loader.max_k, self.dist, self.device)
             rows = stage.batch_size
             if stage.index != self.stage_index:
