@@ -119,9 +119,11 @@ def test_resolve_names_are_unique_and_safe(tmp_path):
         SourceSpec(str(tmp_path / "a")),
         SourceSpec(str(tmp_path / "*" / "*.txt")),
         SourceSpec("builtin"),
+        SourceSpec(str(tmp_path / "b" / "*.txt")),
     ]
     names = [s.name for s in resolve_sources(specs)]
-    assert names[:3] == ["x", "x-2", "a"] and names[4] == "builtin"
+    # A glob is named after the folder it searches.
+    assert names == ["x", "x-2", "a", tmp_path.name, "builtin", "b"]
     assert all(n is not None and "/" not in n and "*" not in n for n in names)
     assert len({n.lower() for n in names if n}) == len(names)
     with pytest.raises(DataError, match="two sources are named 'x'"):

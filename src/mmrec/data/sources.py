@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -107,7 +108,9 @@ class SourceSpec:
         if self.is_hf:
             base = "hf-" + self.path[len(HF_PREFIX) :]
         elif self.is_glob:
-            base = self.path
+            # The folder the pattern searches ("data/shakespeare/*.txt" -> "shakespeare").
+            fixed = list(itertools.takewhile(lambda part: not glob.has_magic(part), Path(self.path).parts))
+            base = Path(*fixed).resolve().name if fixed else Path.cwd().name
         else:
             p = Path(self.path)
             # "." or "..": the folder's own name.
