@@ -18,7 +18,7 @@ def pytest_collection_modifyitems(config, items):  # noqa: ANN001
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
-        if "gpu" in item.keywords:
+        if item.get_closest_marker("gpu") is not None:  # the marker, not a parameter named gpu
             item.add_marker(skip)
 
 

@@ -181,3 +181,28 @@ def test_generate_streams_text_and_sessions_continue_exactly(trained_run, tmp_pa
 
 def other_cfg_dict() -> dict:
     return MMRecConfig(vocab_size=257, d_model=64, n_layers=2, n_heads=2).to_dict()
+
+
+@pytest.mark.parametrize("preset", ["micro", "small", "gpu"])
+def test_every_compare_preset_builds_for_training_and_speed(preset, tmp_path):
+    """The small preset once trained four models for half an hour, then could not build gpt
+    for its 32K speed measurement (the position table ate the matched parameter budget)."""
+    from mmrec.compare import PRESETS, CompareOptions, _speed_config, check_buildable, model_configs
+    from mmrec.train.trainer import build_model
+
+    configs = model_configs(CompareOptions(out=str(tmp_path), preset=preset))
+    check_buildable(configs, PRESETS[preset])
+    with torch.device("meta"):
+        trained = build_model(configs["gpt"], 257)
+        measured = build_model(_speed_config(configs["gpt"], PRESETS[preset]), 257)
+    assert measured.config.d_ff == trained.config.d_ff, "a longer position table must not change the MLP"
+    assert measured.config.max_seq_len > trained.config.max_seq_len >= 128
+
+
+def test_compare_rejects_an_unbuildable_shape_before_training(tmp_path):
+    from mmrec.compare import PRESETS, CompareOptions, check_buildable, model_configs
+    from mmrec.config import ConfigError
+
+    opts = CompareOptions(out=str(tmp_path), overrides={"seq_len_schedule": "0:64,1K:400000"})
+    with pytest.raises(ConfigError, match="GPT-style: cannot build the model for training: cannot match"):
+        check_buildable(model_configs(opts), PRESETS["micro"])

@@ -219,11 +219,8 @@ def _measure_speed(
     dtype = torch.bfloat16 if device.type == "cuda" else None
     results: dict[str, dict[str, Any]] = {}
     for key, cfg in configs.items():
-        vocab = load_tokenizer(cfg.tokenizer).vocab_size
-        # Room in gpt's position table for the longest measurement, decoding steps included.
-        longest = max(preset.speed_lengths + preset.decode_contexts) + preset.decode_steps + 8
-        speed_cfg = dataclasses.replace(cfg, eval_seq_len=longest)
-        build = _Builder(speed_cfg, vocab)
+        build = _Builder(_speed_config(cfg, preset), load_tokenizer(cfg.tokenizer).vocab_size)
+        vocab = build.vocab
         rows: list[dict[str, Any]] = []
         for T in preset.speed_lengths:
             kwargs = dict(seq_len=T, tokens=max(preset.speed_tokens, T), steps=preset.speed_steps, vocab=vocab)
@@ -264,6 +261,28 @@ def _measure_speed(
             "state_bytes_32k": _state_bytes_at(model, 32768),
         }
     return results
+
+
+def _speed_config(cfg: TrainConfig, preset: Preset) -> TrainConfig:
+    """The trained model's config with room in gpt's position table for the longest measurement."""
+    longest = max(preset.speed_lengths + preset.decode_contexts) + preset.decode_steps + 8
+    return dataclasses.replace(cfg, eval_seq_len=longest)
+
+
+def check_buildable(configs: dict[str, TrainConfig], preset: Preset) -> None:
+    """Build every model as training and the speed measurements will, on the meta device (no
+    memory, no time), so that a shape that cannot work fails before the models train."""
+    from mmrec.tokenizer import load_tokenizer
+    from mmrec.train.trainer import build_model
+
+    for key, cfg in configs.items():
+        vocab = load_tokenizer(cfg.tokenizer).vocab_size
+        for what, c in (("training", cfg), ("the speed measurements", _speed_config(cfg, preset))):
+            try:
+                with torch.device("meta"):
+                    build_model(c, vocab)
+            except (ValueError, RuntimeError) as e:
+                raise ConfigError(f"{LABELS[key]}: cannot build the model for {what}: {e}") from e
 
 
 @dataclass
@@ -345,6 +364,7 @@ def run_compare(opts: CompareOptions, log: Any = print) -> Path:
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     device = _device(opts.device)
+    check_buildable(configs, preset)
     t0 = time.perf_counter()
     summaries = _train_all(configs, log)
     train_seconds = time.perf_counter() - t0

@@ -9,6 +9,7 @@ DDP (gloo on CPU, nccl on CUDA) or FSDP2.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import math
@@ -106,14 +107,21 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> nn.Module:
         n_heads=cfg.n_heads,
         window=cfg.window,
     )
-    if cfg.preset == "gpt":
-        longest = Curriculum(cfg.seq_len, cfg.batch_size, cfg.seq_len_schedule, "", {"x": 1.0}).max_seq_len
-        kwargs["max_seq_len"] = max(longest, cfg.eval_seq_len or 0)
+    if cfg.preset == "gpt":  # a learned position table as long as the longest training window
+        kwargs["max_seq_len"] = Curriculum(
+            cfg.seq_len, cfg.batch_size, cfg.seq_len_schedule, "", {"x": 1.0}
+        ).max_seq_len
     if cfg.match_params:
         with torch.device("meta"):
             target = MMRecLM(mm_cfg).num_parameters()
-        return TransformerLM(matched_transformer_config(target, **kwargs))
-    return TransformerLM(TransformerConfig(**kwargs))
+        t_cfg = matched_transformer_config(target, **kwargs)
+    else:
+        t_cfg = TransformerConfig(**kwargs)
+    if cfg.preset == "gpt" and (cfg.eval_seq_len or 0) > (t_cfg.max_seq_len or 0):
+        # The table grows to the evaluation length after matching: rows past the training
+        # length are never trained and cost no compute, so they must not shrink the MLP.
+        t_cfg = dataclasses.replace(t_cfg, max_seq_len=cfg.eval_seq_len)
+    return TransformerLM(t_cfg)
 
 
 class Trainer:
