@@ -124,6 +124,26 @@ def test_gradients_flow_through_memory_writes():
         assert grad is not None and grad.abs().sum() > 0, name
 
 
+def test_a_fresh_start_equals_an_explicit_initial_state():
+    """state=None starts from the learned memory inside each block (where FSDP2 has gathered it);
+    init_state() builds the same state outside; both give the same logits, state and gradients."""
+    model = tiny(n_layers=2, chunk_size=8).train()
+    ids = torch.randint(0, 256, (2, 21))  # ends mid-chunk: the memory slots stay at their start
+    grads = []
+    for state in (None, model.init_state(2)):
+        model.zero_grad()
+        out = model(ids[:, :-1], state=state, targets=ids[:, 1:])
+        out.loss.backward()
+        grads.append((out, [b.memory.memory_init.grad.clone() for b in model.layers]))
+    (a, ga), (b, gb) = grads
+    torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=0)
+    for name, t in a.state.tensors().items():
+        torch.testing.assert_close(t, b.state.tensors()[name], rtol=0, atol=0, msg=name)
+    for x, y in zip(ga, gb, strict=True):
+        assert x.abs().sum() > 0
+        torch.testing.assert_close(x, y)
+
+
 def test_empty_sequence_is_valid():
     model = tiny()
     st = model(torch.randint(0, 256, (2, 13))).state

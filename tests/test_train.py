@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -207,6 +208,16 @@ def test_bad_input_fails_before_any_work(corpus, tmp_path):
         Trainer(tiny_config(corpus, tmp_path, max_steps=8, d_model=64, resume="auto")).fit()
 
 
+def test_resume_refuses_data_that_changed_under_it(corpus, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(corpus, data)
+    Trainer(tiny_config(data, tmp_path, max_steps=4)).fit()
+    (data / "added.txt").write_text(" ".join(WORDS * 40))
+    with pytest.raises(ConfigError, match="the data differs from what"):
+        Trainer(tiny_config(data, tmp_path, max_steps=8, resume="auto")).fit()
+    assert [p.name for p in (tmp_path / "run").glob("step-*")] == ["step-000004"]
+
+
 def test_cli_reports_errors_without_tracebacks(corpus, tmp_path):
     proc = run_cli(["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "r")], tmp_path)
     _, err = proc.communicate(timeout=60)
@@ -275,7 +286,8 @@ def test_bpe_tokenizer_from_the_cli(corpus, tmp_path):
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
-def test_two_process_ddp_equals_one_process(corpus, tmp_path):
+@pytest.mark.parametrize("shard", ["ddp", "fsdp"])
+def test_two_processes_equal_one_process(corpus, tmp_path, shard):
     args = [
         *TINY,
         "--data",
@@ -289,6 +301,7 @@ def test_two_process_ddp_equals_one_process(corpus, tmp_path):
         "--sample-tokens",
         "0",
     ]
+    sharding = ["--fsdp"] if shard == "fsdp" else []
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "MMREC_DATA_CACHE": str(tmp_path / "cache")}
     # Prepare the shards once so both runs read the same files.
     single = run_cli([*args, "--out", str(tmp_path / "one"), "--threads", "1"], tmp_path)
@@ -304,6 +317,7 @@ def test_two_process_ddp_equals_one_process(corpus, tmp_path):
             "-m",
             "mmrec.train",
             *args,
+            *sharding,
             "--out",
             str(tmp_path / "two"),
         ],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, cast
 
@@ -31,11 +32,18 @@ class MMRecBlock(nn.Module):
         self.norm3 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.d_ff)
 
-    def forward(self, x: Tensor, st: dict[str, Tensor], position: int) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(
+        self, x: Tensor, st: dict[str, Tensor], position: int, fresh: bool = False
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """``fresh``: the streams start here, with the memory slots at their learned start
+        (read inside the block, where FSDP2 has gathered the block's parameters)."""
         y, short, conv = self.short_term(self.norm1(x), st["short"], st["conv"])
         x = x + y
+        memory = st["memory"]
+        if fresh:  # a copy: FSDP2 frees the gathered parameter after the block, and a state may outlive it
+            memory = self.memory.memory_init.to(memory.dtype).expand_as(memory).clone()
         y, memory, summaries, sequence, pending = self.memory(
-            self.norm2(x), st["memory"], st["summaries"], st["sequence"], st["pending"], position
+            self.norm2(x), memory, st["summaries"], st["sequence"], st["pending"], position
         )
         x = x + y
         x = x + self.mlp(self.norm3(x))
@@ -96,17 +104,21 @@ class MMRecLM(nn.Module, GenerationMixin):
         """The state of ``batch_size`` fresh streams (memory slots at their learned start)."""
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        state = self._zero_state(batch_size)
+        memory = torch.stack([blk.memory.memory_init.to(state.memory.dtype) for blk in self.layers])  # [L, S, dm]
+        return dataclasses.replace(state, memory=memory.unsqueeze(1).expand_as(state.memory).clone())
+
+    def _zero_state(self, batch_size: int) -> MMRecState:
         c, B, dev = self.config, batch_size, self.device
         acc = accumulation_dtype(self.embed.weight.dtype)
         L, d, dm = c.n_layers, c.d_model, c.d_mem
         assert dm is not None
         zeros = lambda *shape: torch.zeros(*shape, dtype=acc, device=dev)  # noqa: E731
-        memory = torch.stack([blk.memory.memory_init.to(acc) for blk in self.layers])  # [L, S, dm]
         return MMRecState(
             position=0,
             short=zeros(L, B, c.n_heads, c.head_dim, c.head_dim),
             conv=zeros(L, B, max(c.conv_size - 1, 0), d),
-            memory=memory.unsqueeze(1).expand(L, B, c.mem_slots, dm).clone(),
+            memory=zeros(L, B, c.mem_slots, dm),
             summaries=zeros(L, B, c.summary_window, dm),
             sequence=zeros(L, B, dm),
             pending=zeros(L, B, c.chunk_size, d),
@@ -143,12 +155,18 @@ class MMRecLM(nn.Module, GenerationMixin):
     def forward(self, input_ids: Tensor, state: MMRecState | None = None, targets: Tensor | None = None) -> LMOutput:
         ids = check_input_ids(input_ids, self.config.vocab_size)
         B, T = ids.shape
-        state = self.init_state(B) if state is None else self.check_state(state, B)
+        fresh = state is None
+        if state is None:
+            if not isinstance(B, int) or B < 1:
+                raise ValueError(f"batch_size must be an integer >= 1, got {B!r}")
+            state = self._zero_state(B)
+        else:
+            state = self.check_state(state, B)
         x = self.embed(ids)  # [B, T, d]
         per_layer: list[dict[str, Tensor]] = []
         for i, block in enumerate(self.layers):
             st = {name: t[i] for name, t in state.tensors().items()}
-            x, new = block(x, st, state.position)
+            x, new = block(x, st, state.position, fresh)
             per_layer.append(new)
         logits = self.norm(x) @ self.embed.weight.t()  # tied head, [B, T, V]
         new_state = MMRecState(

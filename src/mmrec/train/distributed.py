@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,6 +78,9 @@ def wrap_model(
             from torch.distributed.fsdp import fully_shard
         except ImportError:  # torch 2.5 keeps FSDP2 under _composable
             from torch.distributed._composable.fsdp import fully_shard
+        # Blocks return slices of their own activations as the new state; the model stacks them
+        # into a fresh tensor and never writes to them in place, which is all this warning is about.
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
         for block in model.blocks:  # type: ignore[union-attr]
             fully_shard(block)
         fully_shard(model)

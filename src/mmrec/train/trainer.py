@@ -637,6 +637,7 @@ class Trainer:
                 "bad_in_row": self.bad_in_row,
                 "world_size": self.dist.world_size,
                 "config": cfg.to_dict(),
+                "data": self._data_signature(),
                 "mmrec_version": __version__,
                 "time": dt.datetime.now().isoformat(timespec="seconds"),
             }
@@ -644,12 +645,27 @@ class Trainer:
         barrier(self.dist)
         return path
 
+    def _data_signature(self) -> dict[str, list[int]]:
+        """Documents and tokens of each source's train and validation split, recorded in checkpoints."""
+        return {
+            name: [src.train.n_docs, src.train.n_tokens, src.val.n_docs, src.val.n_tokens]
+            for name, src in self.dataset.sources.items()
+        }
+
     def _load_checkpoint(self, path: Path) -> None:
         meta = ckpt.read_json(path / "meta.json")
         if meta["world_size"] != self.dist.world_size:
             raise ConfigError(
                 f"resume: {path} was written by {meta['world_size']} process(es); resume with the "
                 f"same number (now {self.dist.world_size})"
+            )
+        saved_data, data = meta.get("data"), self._data_signature()
+        if saved_data is not None and saved_data != data:
+            raise ConfigError(
+                f"resume: the data differs from what {path} was trained on (documents and tokens per source "
+                f"[train docs, train tokens, val docs, val tokens]: then {saved_data}, now {data}); a changed "
+                "source or source name moves the train/validation split. Resume with the same data or start a "
+                "new --out (nothing was changed)"
             )
         weights = load_file(str(path / "model.safetensors"))
         load_full_state_dict(self.model, weights, self.dist, self.cfg.fsdp)
