@@ -16,6 +16,8 @@ from mmrec.evals.task_train import (
     build_task_model,
     evaluate_task,
     plan_context,
+    scored_forward,
+    scored_positions,
     state_floats,
     train_task,
 )
@@ -151,6 +153,47 @@ def test_score_oracle_and_chance() -> None:
 # Training and evaluation -----------------------------------------------------
 
 
+@pytest.mark.parametrize("arch", ["mmrec", "llama"])
+def test_scored_forward_equals_full_logits(arch: str) -> None:
+    """Logits at the scored positions only give the full forward's loss and accuracy, with ragged rows."""
+    torch.manual_seed(0)
+    model = build_task_model(arch, 32, 32, 2, 2, chunk_size=8, mem_slots=4, summary_window=2)
+    x, y = selective_copy_batch(5, 40, 6, 32, gen(3))
+    y[1, -6:-2] = IGNORE  # rows with fewer scored positions than the others
+    y[3, -6:] = IGNORE
+    positions, picked = scored_positions(y)
+    assert positions.shape == picked.shape == (5, 6)
+    assert ((picked != IGNORE).sum(1) == torch.tensor([6, 2, 6, 0, 6])).all()
+    assert (y.gather(1, positions)[picked != IGNORE] == picked[picked != IGNORE]).all()
+    out = model(x, targets=y)
+    loss, correct = scored_forward(model, x, positions, picked)
+    torch.testing.assert_close(loss, out.loss)
+    assert int(correct) == score(out.logits, y)[0]
+
+
+def test_train_task_rejects_a_model_without_hidden_states() -> None:
+    with pytest.raises(TypeError, match="hidden_states"):
+        train_task(torch.nn.Linear(2, 2), lambda b, g: mqar_batch(b, 32, 2, 64, g), 1, 2, 1e-3, "cpu", log=None)
+
+
+def test_train_task_is_reproducible_and_reports_a_failing_generator() -> None:
+    def make_batch(b: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return mqar_batch(b, 32, 2, 64, g)
+
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = build_task_model("mmrec", 64, 32, 2, 2, chunk_size=8, mem_slots=4, summary_window=2)
+        runs.append(train_task(model, make_batch, steps=12, batch_size=8, lr=3e-3, device="cpu", log=None))
+    assert runs[0]["history"] == runs[1]["history"] and len(runs[0]["history"]) == 12
+
+    def broken(b: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        raise ValueError("no batches today")
+
+    with pytest.raises(ValueError, match="no batches today"):
+        train_task(build_task_model("mmrec", 64, 32, 2, 2), broken, 5, 2, 1e-3, "cpu", log=None)
+
+
 def test_tiny_mqar_training_learns() -> None:
     """MM-Rec learns 2-pair recall from nothing in 200 steps: far above chance (1/32), loss down by half."""
     torch.manual_seed(0)
@@ -254,6 +297,30 @@ def test_cli_mqar_writes_results(tmp_path) -> None:  # noqa: ANN001
     assert 0.0 <= results["accuracy"] <= 1.0 and results["params"] > 0 and results["train_seconds"] > 0
     assert (out / "results.md").read_text().startswith("# MQAR")
     assert (out / "loss.png").stat().st_size > 0
+
+
+def test_cli_mqar_trains_on_a_mix_and_tests_on_its_own_setting(tmp_path, capsys) -> None:  # noqa: ANN001
+    out = tmp_path / "mix"
+    args = parser().parse_args(
+        ["synth", "mqar", "--arch", "gpt", *TINY_MODEL, "--seq-len", "32", "--kv-pairs", "4", "--vocab-size", "64"]
+        + ["--train-mix", "16:2:3", "48:4", "--steps", "6", "--batch-size", "4", "--eval-batches", "1"]
+        + ["--out", str(out), "--device", "cpu"]
+    )
+    assert args.func(args) == 0  # gpt's position table covers the longest mix setting (48 > 32)
+    results = json.loads((out / "results.json").read_text())
+    assert results["train_mix"] == [
+        {"seq_len": 16, "kv_pairs": 2, "weight": 3.0},
+        {"seq_len": 48, "kv_pairs": 4, "weight": 1.0},
+    ]
+    assert results["seq_len"] == 32 and results["eval_queries"] == 4 * 4  # evaluated on the test setting
+    assert "Trained on the mix 16:2 (weight 3)" in (out / "results.md").read_text()
+    assert synth_cli._mqar_mix(["zoology"])[0] == (64, 4, 100_000.0)
+    with pytest.raises(SystemExit):
+        parser().parse_args(["synth", "mqar", "--train-mix", "64x4", "--out", str(tmp_path / "bad")])
+    args = parser().parse_args(["synth", "mqar", "--train-mix", "8:4", "--out", str(tmp_path / "short")])
+    assert args.func(args) == 1
+    assert "--train-mix 8:4: seq_len 8 is too short" in capsys.readouterr().err
+    assert not (tmp_path / "short").exists()
 
 
 def test_cli_induction_streams_long_and_skips_what_cannot_run(tmp_path) -> None:  # noqa: ANN001

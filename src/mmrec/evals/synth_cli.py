@@ -62,6 +62,40 @@ def _unit_float(text: str) -> float:
 positive_int = _int_at_least(1)
 nonneg_int = _int_at_least(0)
 
+# Zoology's MQAR training set (Arora et al. 2023, zoology/experiments): (seq_len, kv_pairs, examples).
+ZOOLOGY_MQAR_MIX = ((64, 4, 100_000), (128, 8, 20_000), (256, 16, 20_000), (256, 32, 20_000), (256, 64, 20_000))
+
+
+def _mix_entry(text: str) -> tuple[int, int, float]:
+    """``SEQ:KV`` or ``SEQ:KV:WEIGHT`` (weight 1 by default)."""
+    parts = text.split(":")
+    try:
+        if len(parts) not in (2, 3):
+            raise ValueError
+        seq, kv = int(parts[0]), int(parts[1])
+        weight = float(parts[2]) if len(parts) == 3 else 1.0
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected SEQ:KV or SEQ:KV:WEIGHT (e.g. 256:16:2), got {text!r}") from None
+    if seq < 1 or kv < 1 or not 0 < weight < float("inf"):
+        raise argparse.ArgumentTypeError(f"need SEQ >= 1, KV >= 1 and a finite WEIGHT > 0, got {text!r}")
+    return seq, kv, weight
+
+
+def _mix_arg(text: str) -> str | tuple[int, int, float]:
+    return "zoology" if text == "zoology" else _mix_entry(text)
+
+
+def _mqar_mix(values: list[str | tuple[int, int, float]] | None) -> list[tuple[int, int, float]]:
+    """The parsed ``--train-mix``: 'zoology' expands to Zoology's training set."""
+    mix: list[tuple[int, int, float]] = []
+    for value in values or []:
+        if value == "zoology":
+            mix.extend((t, kv, float(n)) for t, kv, n in ZOOLOGY_MQAR_MIX)
+        else:
+            assert isinstance(value, tuple)
+            mix.append(value)
+    return mix
+
 
 def _fail(args: argparse.Namespace, error: Exception) -> int:
     command = " ".join(part for part in ("mmrec", getattr(args, "command_path", "")) if part)
@@ -209,8 +243,24 @@ def _mqar(args: argparse.Namespace) -> int:
         def make_batch(b: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
             return syn.mqar_batch(b, args.seq_len, args.kv_pairs, args.vocab_size, g, power_a=args.power_a)
 
+        mix = _mqar_mix(args.train_mix)
+        weights = torch.tensor([w for _, _, w in mix], dtype=torch.float64)
+
+        def train_batch(b: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+            # Each training batch is one setting of the mix, drawn by weight; evaluation stays on the test setting.
+            if not mix:
+                return make_batch(b, g)
+            seq, kv, _ = mix[int(torch.multinomial(weights, 1, generator=g))]
+            return syn.mqar_batch(b, seq, kv, args.vocab_size, g, power_a=args.power_a)
+
         make_batch(1, torch.Generator().manual_seed(0))  # bad task settings fail here, before the model is built
-        model = _build(args, args.vocab_size, args.seq_len, device)
+        for seq, kv, _ in mix:
+            try:
+                syn.mqar_batch(1, seq, kv, args.vocab_size, torch.Generator().manual_seed(0))
+            except ValueError as e:
+                raise ValueError(f"--train-mix {seq}:{kv}: {e}") from None
+        longest = max([args.seq_len, *(seq for seq, _, _ in mix)])
+        model = _build(args, args.vocab_size, longest, device)
         out = _make_out(args)
         fields = _model_fields(args, model, device)
         print(
@@ -229,7 +279,7 @@ def _mqar(args: argparse.Namespace) -> int:
 
         trained = tt.train_task(
             model,
-            make_batch,
+            train_batch,
             args.steps,
             args.batch_size,
             args.lr,
@@ -252,6 +302,7 @@ def _mqar(args: argparse.Namespace) -> int:
         "kv_pairs": args.kv_pairs,
         "vocab_size": args.vocab_size,
         "power_a": args.power_a,
+        "train_mix": [{"seq_len": t, "kv_pairs": kv, "weight": w} for t, kv, w in mix] or None,
         "steps": trained["steps"],
         "batch_size": args.batch_size,
         "lr": args.lr,
@@ -269,6 +320,7 @@ def _mqar(args: argparse.Namespace) -> int:
         f"| {args.arch} | {args.d_model} | {args.seq_len} | {args.kv_pairs} | {args.vocab_size} | {trained['steps']} | "
         f"{accuracy:.3f} | {results['state_floats']:,} | {fields['params']:,} | {trained['train_seconds']:.0f} |\n\n"
         f"Accuracy over {evaluation.total:,} held-out queries (chance {2 / args.vocab_size:.4f}).\n"
+        + ("Trained on the mix " + ", ".join(f"{t}:{kv} (weight {w:g})" for t, kv, w in mix) + ".\n" if mix else "")
     )
     _write(out, results, table)
     _plot_loss(out, trained["history"], f"MQAR training loss ({args.arch}, d={args.d_model}, T={args.seq_len})")
@@ -496,6 +548,16 @@ def add_synth_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--power-a", type=_positive_float, default=0.01, help="query placement power law, Zoology (default: 0.01)"
     )
     mqar.add_argument("--eval-batches", type=positive_int, default=8, help="held-out batches (default: 8)")
+    mqar.add_argument(
+        "--train-mix",
+        nargs="+",
+        type=_mix_arg,
+        metavar="SEQ:KV[:WEIGHT]",
+        default=None,
+        help="train on batches drawn from these settings by weight (one setting per batch) instead of the test "
+        "setting; 'zoology' is Zoology's training set (64:4, 128:8, 256:16, 256:32, 256:64 weighted by their "
+        "example counts). Evaluation stays at --seq-len/--kv-pairs",
+    )
     _add_train_args(mqar, steps=2000, batch=32, lr=3e-3)
     _add_common(mqar)
     mqar.set_defaults(func=_mqar, command_path="synth mqar")

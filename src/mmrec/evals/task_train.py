@@ -23,6 +23,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -32,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from mmrec.config import MMRecConfig, TransformerConfig
-from mmrec.evals.synthetic import score
+from mmrec.evals.synthetic import IGNORE, score
 from mmrec.models import KVCache, LMOutput, MMRecLM, TransformerLM, matched_transformer_config
 
 GIB = 2**30
@@ -367,6 +369,84 @@ WARMUP_STEPS = 10
 CALIBRATION_STEPS = 30
 
 
+def scored_positions(targets: Tensor) -> tuple[Tensor, Tensor]:
+    """The scored positions of each row, first ``K`` columns: ``(positions [B, K], targets [B, K])``.
+
+    ``K`` is the most scored positions in any row; shorter rows are padded with
+    position 0 and target ``IGNORE``. Training computes logits at these
+    positions only: the loss and the accuracy are those of the full logits
+    (every other target is ignored), at a fraction of the head's cost.
+    """
+    mask = targets != IGNORE
+    k = max(1, int(mask.sum(dim=1).max()))
+    # A stable descending sort puts each row's scored positions first, in order.
+    order = mask.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :k]
+    picked = targets.gather(1, order)
+    positions = torch.where(picked != IGNORE, order, torch.zeros_like(order))
+    return positions, picked
+
+
+def scored_forward(model: nn.Module, inputs: Tensor, positions: Tensor, picked: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean cross-entropy and correct-prediction count at the scored positions (both stay on the device)."""
+    hidden, _ = model.hidden_states(inputs)  # type: ignore[operator]
+    at = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.size(-1)))  # [B, K, d]
+    logits = model.lm_head(at).float()  # type: ignore[operator]
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), picked.flatten(), ignore_index=IGNORE)
+    correct = ((logits.argmax(dim=-1) == picked) & (picked != IGNORE)).sum()
+    return loss, correct
+
+
+class _Prefetcher:
+    """Draws the training batches in a background thread, in order, a few steps ahead.
+
+    Batches are generated on the CPU from one generator, so the stream is the
+    same as drawing them inline; on CUDA they arrive pinned and are copied
+    without blocking while the previous step still runs.
+    """
+
+    def __init__(self, make_batch: MakeBatch, batch_size: int, generator: torch.Generator, pin: bool) -> None:
+        self._make, self._b, self._g, self._pin = make_batch, batch_size, generator, pin
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=4)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="task-batches")
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                inputs, targets = self._make(self._b, self._g)
+                positions, picked = scored_positions(targets)
+                item: Any = (inputs, positions, picked, int((picked != IGNORE).sum()))
+                if self._pin:
+                    item = (*(t.pin_memory() for t in item[:3]), item[3])
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as e:  # handed to the training loop, which raises it
+            self._queue.put(e)
+
+    def next(self) -> tuple[Tensor, Tensor, Tensor, int]:
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        self._stop.set()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._queue.get_nowait()
+        self._thread.join(timeout=5)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def train_task(
     model: nn.Module,
     make_batch: MakeBatch,
@@ -390,8 +470,11 @@ def train_task(
     AdamW (weight decay on matrices only), linear warm-up (default: a tenth of
     the steps, at most 100) then cosine decay to a tenth of ``lr``, gradient
     clipping, bf16 autocast on CUDA and float32 on CPU. Batches come from a
-    generator seeded with ``seed``; the final accuracy comes from ``eval_fn``
-    or, by default, from ``eval_batches`` batches of a different stream.
+    generator seeded with ``seed``, drawn a few steps ahead in a background
+    thread; the loss and logits are computed at the scored positions only
+    (``scored_forward``), and nothing waits for the device between logging
+    points. The final accuracy comes from ``eval_fn`` or, by default, from
+    ``eval_batches`` batches of a different stream.
 
     With ``max_seconds``, the step time is measured over the first
     ``CALIBRATION_STEPS`` steps and the step count lowered so that training
@@ -406,6 +489,8 @@ def train_task(
         raise ValueError(f"steps, batch_size and log_every must be >= 1, got {steps}, {batch_size}, {log_every}")
     if not (lr > 0 and math.isfinite(lr)):
         raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    if not (hasattr(model, "hidden_states") and hasattr(model, "lm_head")):
+        raise TypeError(f"train_task needs a model with hidden_states and lm_head, got {type(model).__name__}")
     device = resolve_device(device)
     model.to(device).train()
     warmup = min(100, max(1, steps // 10)) if warmup_steps is None else warmup_steps
@@ -415,50 +500,73 @@ def train_task(
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), fused=device.type == "cuda")
-    g = torch.Generator().manual_seed(seed)
+    batches = _Prefetcher(make_batch, batch_size, torch.Generator().manual_seed(seed), device.type == "cuda")
+    losses: list[Tensor] = []  # per step, on the device; read at the logging points
+    corrects: list[Tensor] = []
+    counts: list[int] = []
     history: list[float] = []
     train_acc: list[float] = []
+
+    def drain() -> None:
+        # One transfer for all steps since the last logging point; a non-finite loss stops training.
+        if not losses:
+            return
+        values = torch.stack(losses).tolist()
+        hits = torch.stack(corrects).tolist()
+        for i, value in enumerate(values):
+            if not math.isfinite(value):
+                raise FloatingPointError(
+                    f"the loss became {value} at step {len(history) + i + 1}; lower --lr (now {lr:g}) or check "
+                    "the task settings"
+                )
+        history.extend(values)
+        train_acc.extend(h / n if n else 0.0 for h, n in zip(hits, counts, strict=True))
+        losses.clear()
+        corrects.clear()
+        counts.clear()
+
     t0 = time.perf_counter()
     step = 0
-    while step < steps:
-        if step == WARMUP_STEPS:
-            t_warm = time.perf_counter()
-        if max_seconds is not None and step == CALIBRATION_STEPS:
-            per_step = (time.perf_counter() - t_warm) / (CALIBRATION_STEPS - WARMUP_STEPS)
-            fits = max(step + 1, int((max_seconds - (time.perf_counter() - t0)) / per_step) + step)
-            if fits < steps:
+    try:
+        while step < steps:
+            if step == WARMUP_STEPS:
+                _sync(device)
+                t_warm = time.perf_counter()
+            if max_seconds is not None and step == CALIBRATION_STEPS:
+                _sync(device)
+                per_step = (time.perf_counter() - t_warm) / (CALIBRATION_STEPS - WARMUP_STEPS)
+                fits = max(step + 1, int((max_seconds - (time.perf_counter() - t0)) / per_step) + step)
+                if fits < steps:
+                    if log is not None:
+                        budget = f"time budget {max_seconds:.0f}s at {per_step * 1e3:.0f} ms/step"
+                        log(f"{budget}: {fits} steps instead of {steps}")
+                    steps = fits
+            for group in opt.param_groups:
+                group["lr"] = cosine_lr(step, steps, lr, warmup)
+            inputs, positions, picked, n = batches.next()
+            inputs, positions, picked = (t.to(device, non_blocking=True) for t in (inputs, positions, picked))
+            with _autocast(device):
+                loss, correct = scored_forward(model, inputs, positions, picked)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            opt.step()
+            losses.append(loss.detach())
+            corrects.append(correct)
+            counts.append(n)
+            step += 1
+            if step % log_every == 0 or step == steps:
+                drain()
                 if log is not None:
-                    budget = f"time budget {max_seconds:.0f}s at {per_step * 1e3:.0f} ms/step"
-                    log(f"{budget}: {fits} steps instead of {steps}")
-                steps = fits
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, steps, lr, warmup)
-        inputs, targets = make_batch(batch_size, g)
-        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        with _autocast(device):
-            out = model(inputs, targets=targets)
-        loss = out.loss
-        assert loss is not None
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        opt.step()
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise FloatingPointError(
-                f"the loss became {value} at step {step + 1}; lower --lr (now {lr:g}) or check the task settings"
-            )
-        c, n = score(out.logits.detach(), targets)
-        history.append(value)
-        train_acc.append(c / n if n else 0.0)
-        if log is not None and ((step + 1) % log_every == 0 or step + 1 == steps):
-            elapsed = time.perf_counter() - t0
-            log(
-                f"step {step + 1}/{steps}  loss {value:.4f}  batch accuracy {train_acc[-1]:.3f}  "
-                f"lr {opt.param_groups[0]['lr']:.2e}  {elapsed / (step + 1) * 1e3:.0f} ms/step"
-            )
-        step += 1
+                    elapsed = time.perf_counter() - t0
+                    log(
+                        f"step {step}/{steps}  loss {history[-1]:.4f}  batch accuracy {train_acc[-1]:.3f}  "
+                        f"lr {opt.param_groups[0]['lr']:.2e}  {elapsed / step * 1e3:.0f} ms/step"
+                    )
+        drain()
+    finally:
+        batches.close()
     train_seconds = time.perf_counter() - t0
     if eval_fn is not None:
         accuracy = float(eval_fn(model))

@@ -153,6 +153,18 @@ class MMRecLM(nn.Module, GenerationMixin):
         return state
 
     def forward(self, input_ids: Tensor, state: MMRecState | None = None, targets: Tensor | None = None) -> LMOutput:
+        hidden, new_state = self.hidden_states(input_ids, state)
+        logits = self.lm_head(hidden)  # [B, T, V]
+        loss = lm_loss(logits, targets) if targets is not None else None
+        return LMOutput(logits=logits, state=new_state, loss=loss)
+
+    def lm_head(self, hidden: Tensor) -> Tensor:
+        """Logits of final hidden states [..., d] (the head is tied to the embedding)."""
+        return hidden @ self.embed.weight.t()
+
+    def hidden_states(self, input_ids: Tensor, state: MMRecState | None = None) -> tuple[Tensor, MMRecState]:
+        """The final normed hidden states [B, T, d] and the new state: ``forward`` without the head,
+        for callers that need logits at a few positions only (``lm_head(hidden[..., picked, :])``)."""
         ids = check_input_ids(input_ids, self.config.vocab_size)
         B, T = ids.shape
         fresh = state is None
@@ -168,10 +180,8 @@ class MMRecLM(nn.Module, GenerationMixin):
             st = {name: t[i] for name, t in state.tensors().items()}
             x, new = block(x, st, state.position, fresh)
             per_layer.append(new)
-        logits = self.norm(x) @ self.embed.weight.t()  # tied head, [B, T, V]
         new_state = MMRecState(
             position=state.position + T,
             **{name: torch.stack([layer[name] for layer in per_layer]) for name in per_layer[0]},
         )
-        loss = lm_loss(logits, targets) if targets is not None else None
-        return LMOutput(logits=logits, state=new_state, loss=loss)
+        return self.norm(x), new_state

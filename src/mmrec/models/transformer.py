@@ -138,6 +138,17 @@ class TransformerLM(nn.Module, GenerationMixin):
         return state
 
     def forward(self, input_ids: Tensor, state: KVCache | None = None, targets: Tensor | None = None) -> LMOutput:
+        hidden, new_state = self.hidden_states(input_ids, state)
+        logits = self.lm_head(hidden)  # [B, T, V]
+        loss = lm_loss(logits, targets) if targets is not None else None
+        return LMOutput(logits=logits, state=new_state, loss=loss)
+
+    def lm_head(self, hidden: Tensor) -> Tensor:
+        """Logits of final hidden states [..., d] (the head is tied to the embedding)."""
+        return hidden @ self.embed.weight.t()
+
+    def hidden_states(self, input_ids: Tensor, state: KVCache | None = None) -> tuple[Tensor, KVCache]:
+        """The final normed hidden states [B, T, d] and the new cache: ``forward`` without the head."""
         ids = check_input_ids(input_ids, self.config.vocab_size)
         B, T = ids.shape
         state = self.init_state(B) if state is None else self.check_state(state, B)
@@ -155,10 +166,8 @@ class TransformerLM(nn.Module, GenerationMixin):
             x, k, v = block(x, state.keys[i], state.values[i], start)
             keys.append(k)
             values.append(v)
-        logits = self.norm(x) @ self.embed.weight.t()
         new_state = KVCache(position=start + T, keys=torch.stack(keys), values=torch.stack(values))
-        loss = lm_loss(logits, targets) if targets is not None else None
-        return LMOutput(logits=logits, state=new_state, loss=loss)
+        return self.norm(x), new_state
 
 
 def count_transformer_params(cfg: TransformerConfig) -> int:
