@@ -194,6 +194,27 @@ def test_train_task_is_reproducible_and_reports_a_failing_generator() -> None:
         train_task(build_task_model("mmrec", 64, 32, 2, 2), broken, 5, 2, 1e-3, "cpu", log=None)
 
 
+def test_time_budget_holds_when_steps_slow_down() -> None:
+    """Steps that become 10x slower after the calibration (as when other jobs start on a shared GPU)
+    still end inside the budget: the step count is refitted at every logging point."""
+    import time
+
+    calls = [0]
+
+    def make_batch(b: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        calls[0] += 1
+        if calls[0] > 40:
+            time.sleep(0.05)
+        return mqar_batch(b, 16, 2, 32, g)
+
+    model = build_task_model("mmrec", 32, 16, 1, 1, chunk_size=8, mem_slots=2, summary_window=2)
+    result = train_task(
+        model, make_batch, 100_000, 2, 1e-3, "cpu", log_every=5, eval_batches=1, max_seconds=2.0, log=None
+    )
+    assert result["train_seconds"] < 3.0, result["train_seconds"]
+    assert 30 < result["steps"] < 200 and len(result["history"]) == result["steps"]
+
+
 def test_tiny_mqar_training_learns() -> None:
     """MM-Rec learns 2-pair recall from nothing in 200 steps: far above chance (1/32), loss down by half."""
     torch.manual_seed(0)
@@ -297,6 +318,14 @@ def test_cli_mqar_writes_results(tmp_path) -> None:  # noqa: ANN001
     assert 0.0 <= results["accuracy"] <= 1.0 and results["params"] > 0 and results["train_seconds"] > 0
     assert (out / "results.md").read_text().startswith("# MQAR")
     assert (out / "loss.png").stat().st_size > 0
+    # The trained weights come back exactly from model.safetensors and the config in results.json.
+    from safetensors.torch import load_file
+
+    again = mmrec.MMRecLM(mmrec.MMRecConfig.from_dict(results["model_config"]))
+    again.load_state_dict(load_file(str(out / "model.safetensors")))
+    x, y = mqar_batch(4, 32, 4, 64, gen(5))
+    correct, total = score(again(x).logits, y)
+    assert total == 16 and correct <= total
 
 
 def test_cli_mqar_trains_on_a_mix_and_tests_on_its_own_setting(tmp_path, capsys) -> None:  # noqa: ANN001

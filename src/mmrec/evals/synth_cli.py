@@ -323,10 +323,18 @@ def _mqar(args: argparse.Namespace) -> int:
         + ("Trained on the mix " + ", ".join(f"{t}:{kv} (weight {w:g})" for t, kv, w in mix) + ".\n" if mix else "")
     )
     _write(out, results, table)
+    _save_model(out, model)
     _plot_loss(out, trained["history"], f"MQAR training loss ({args.arch}, d={args.d_model}, T={args.seq_len})")
     print(table)
     print(f"wrote {out / 'results.json'}, {out / 'results.md'} and {out / 'loss.png'}")
     return 0
+
+
+def _save_model(out: Path, model: torch.nn.Module) -> None:
+    """The trained weights, ``model.safetensors``: rebuild with the ``model_config`` of results.json."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
 
 
 def _write(out: Path, results: dict[str, Any], table: str) -> None:
@@ -441,6 +449,7 @@ def _length_task(task: str) -> Callable[[argparse.Namespace], int]:
         ]
         table = "\n".join(lines) + "\n"
         _write(out, results, table)
+        _save_model(out, model)
         ran = [ev for ev in evals if ev.accuracy is not None]
         plot_lines(
             out / "accuracy.png",

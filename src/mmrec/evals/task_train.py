@@ -476,10 +476,11 @@ def train_task(
     points. The final accuracy comes from ``eval_fn`` or, by default, from
     ``eval_batches`` batches of a different stream.
 
-    With ``max_seconds``, the step time is measured over the first
-    ``CALIBRATION_STEPS`` steps and the step count lowered so that training
-    ends inside the budget with its whole schedule (warm-up and decay); the
-    steps actually run are returned as ``steps``.
+    With ``max_seconds``, the step time is measured after ``CALIBRATION_STEPS``
+    steps and the step count lowered so that training ends inside the budget
+    with its whole schedule (warm-up and decay); it is measured again at every
+    logging point and the count lowered further if the steps became slower
+    (other jobs on the device). The steps actually run are returned as ``steps``.
 
     Returns ``history`` (loss per step), ``train_accuracy`` (per step, at the
     scored positions of that step's batch), ``accuracy``, ``train_seconds``
@@ -527,20 +528,25 @@ def train_task(
 
     t0 = time.perf_counter()
     step = 0
+    refit = False
     try:
         while step < steps:
             if step == WARMUP_STEPS:
                 _sync(device)
                 t_warm = time.perf_counter()
-            if max_seconds is not None and step == CALIBRATION_STEPS:
+            if max_seconds is not None and step >= CALIBRATION_STEPS and (step == CALIBRATION_STEPS or refit):
+                # Fit the step count to the budget at step CALIBRATION_STEPS, then again at every logging
+                # point: jobs sharing a device slow each other down once they are all running, and a count
+                # fitted once overran its budget by a quarter on an H100. The count only ever shrinks.
                 _sync(device)
-                per_step = (time.perf_counter() - t_warm) / (CALIBRATION_STEPS - WARMUP_STEPS)
+                per_step = (time.perf_counter() - t_warm) / (step - WARMUP_STEPS)
                 fits = max(step + 1, int((max_seconds - (time.perf_counter() - t0)) / per_step) + step)
                 if fits < steps:
-                    if log is not None:
+                    if log is not None and step == CALIBRATION_STEPS:
                         budget = f"time budget {max_seconds:.0f}s at {per_step * 1e3:.0f} ms/step"
                         log(f"{budget}: {fits} steps instead of {steps}")
                     steps = fits
+                refit = False
             for group in opt.param_groups:
                 group["lr"] = cosine_lr(step, steps, lr, warmup)
             inputs, positions, picked, n = batches.next()
@@ -558,6 +564,7 @@ def train_task(
             step += 1
             if step % log_every == 0 or step == steps:
                 drain()
+                refit = True
                 if log is not None:
                     elapsed = time.perf_counter() - t0
                     log(
