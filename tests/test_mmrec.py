@@ -59,8 +59,9 @@ def test_memory_carries_information_across_chunks():
 
 
 @pytest.mark.parametrize("split", [1, 7, 8, 9, 16, 33, 63])
-def test_streaming_split_equals_full_pass(split):
-    model = tiny()
+@pytest.mark.parametrize("selective_write", [False, True])
+def test_streaming_split_equals_full_pass(split, selective_write):
+    model = tiny(selective_write=selective_write)
     ids = torch.randint(0, 256, (2, 64))
     full = model(ids)
     a = model(ids[:, :split])
@@ -70,8 +71,9 @@ def test_streaming_split_equals_full_pass(split):
         assert rel_err(b.state.tensors()[name], t) <= 1e-4 or t.abs().max() == 0, name
 
 
-def test_token_by_token_decoding_equals_full_pass():
-    model = tiny()
+@pytest.mark.parametrize("selective_write", [False, True])
+def test_token_by_token_decoding_equals_full_pass(selective_write):
+    model = tiny(selective_write=selective_write)
     ids = torch.randint(0, 256, (2, 44))  # 5.5 chunks: writes and FIFO fills happen in step mode
     full = model(ids)
     state, steps = None, []
@@ -82,6 +84,30 @@ def test_token_by_token_decoding_equals_full_pass():
     assert rel_err(torch.cat(steps, 1), full.logits) <= 1e-4
     for name, t in full.state.tensors().items():
         assert rel_err(state.tensors()[name], t) <= 1e-4 or t.abs().max() == 0, name
+
+
+def test_selective_write_scales_each_write_by_one_minus_the_decay():
+    """selective_write is the recurrence S_t = g_t S_{t-1} + (1 - g_t) k_t^T v_t, checked against a loop."""
+    torch.manual_seed(0)
+    model = tiny(selective_write=True, n_layers=1).double()
+    mixer = model.blocks[0].short_term
+    with torch.no_grad():
+        mixer.decay.weight.normal_(0, 0.5)  # input-dependent decays
+    x = torch.randn(2, 19, 32, dtype=torch.float64)
+    S0 = torch.zeros(2, 4, 8, 8, dtype=torch.float64)
+    tail = torch.zeros(2, 3, 32, dtype=torch.float64)
+    y, S, _ = mixer(x, S0, tail)
+    xc, _ = mixer.conv(x, tail)
+    q, k, v = mixer.qkv(torch.nn.functional.silu(xc)).view(2, 19, 3, 4, 8).permute(2, 0, 3, 1, 4)
+    g = torch.sigmoid(mixer.decay(x)).transpose(1, 2)  # [B, H, T]
+    state = S0.clone()
+    for t in range(19):
+        gt = g[:, :, t, None, None]
+        state = gt * state + (1 - gt) * k[:, :, t, :, None] * v[:, :, t, None, :]
+    assert rel_err(S, state) <= 1e-6  # the decays are computed in float32 whatever the model's dtype
+    plain = tiny(selective_write=False, n_layers=1).double()
+    plain.load_state_dict(model.state_dict())
+    assert rel_err(plain.blocks[0].short_term(x, S0, tail)[1], S) > 0.1  # the option changes the recurrence
 
 
 def test_chunked_scan_size_is_only_a_speed_knob():

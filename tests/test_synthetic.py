@@ -356,9 +356,11 @@ def test_cli_induction_streams_long_and_skips_what_cannot_run(tmp_path) -> None:
     common = ["--train-len", "32", "--test-lens", "32", "300", "--steps", "3", "--batch-size", "4"]
     common += ["--test-batches", "1", "--window", "64", "--device", "cpu"]
     out = tmp_path / "ind"
-    args = parser().parse_args(["synth", "induction", *TINY_MODEL, *common, "--out", str(out)])
+    mm_options = ["--selective-write", "--decay-max", "0.9999"]
+    args = parser().parse_args(["synth", "induction", *TINY_MODEL, *common, *mm_options, "--out", str(out)])
     assert args.func(args) == 0
     results = json.loads((out / "results.json").read_text())
+    assert results["model_config"]["selective_write"] is True and results["model_config"]["decay_max"] == 0.9999
     assert set(results["accuracy"]) == {"32", "300"}
     assert results["per_length"]["300"]["mode"] == "recurrent"
     assert (out / "accuracy.png").exists() and "| 300 |" in (out / "results.md").read_text()

@@ -83,6 +83,11 @@ class MMRecConfig(ConfigMixin):
     decay_min: float = _doc("Initial per-step decay of the fastest-forgetting head.", default=0.9)
     decay_max: float = _doc("Initial per-step decay of the longest-memory head.", default=0.999)
     decay_tau: float = _doc("Temperature of the decay: log g = logsigmoid(W x + b) / tau.", default=1.0)
+    selective_write: bool = _doc(
+        "Scale each token's write k v^T by (1 - g) (Mamba-2 style): a token that keeps the state does not "
+        "write to it either.",
+        default=False,
+    )
     norm_eps: float = _doc("Epsilon of the RMSNorms.", default=1e-6)
     init_std: float = _doc("Standard deviation of the weight initialisation.", default=0.02)
     scan_chunk: int | None = _doc(
@@ -132,6 +137,11 @@ class MMRecConfig(ConfigMixin):
             f"need 0 < decay_min <= decay_max < 1, got {self.decay_min}, {self.decay_max}",
         )
         _require(self.decay_tau > 0, "decay_tau", f"must be > 0, got {self.decay_tau}")
+        _require(
+            isinstance(self.selective_write, bool),
+            "selective_write",
+            f"must be true or false, got {self.selective_write!r}",
+        )
         _require(self.norm_eps > 0, "norm_eps", f"must be > 0, got {self.norm_eps}")
         _require(self.init_std > 0, "init_std", f"must be > 0, got {self.init_std}")
 

@@ -138,6 +138,17 @@ def _add_model_args(p: argparse.ArgumentParser, d_model: int) -> None:
     p.add_argument("--mem-slots", type=positive_int, default=32, help="MM-Rec long-term memory slots (default: 32)")
     p.add_argument("--summary-window", type=positive_int, default=8, help="MM-Rec chunk summaries kept (default: 8)")
     p.add_argument(
+        "--decay-max",
+        type=_unit_float,
+        default=0.999,
+        help="MM-Rec: initial decay of the longest-memory short-term head (default: 0.999)",
+    )
+    p.add_argument(
+        "--selective-write",
+        action="store_true",
+        help="MM-Rec: scale each short-term write by (1 - decay), Mamba-2 style (MMRecConfig.selective_write)",
+    )
+    p.add_argument(
         "--attn-window",
         type=positive_int,
         default=None,
@@ -160,7 +171,8 @@ def _add_train_args(p: argparse.ArgumentParser, steps: int, batch: int, lr: floa
         "--max-minutes",
         type=_positive_float,
         default=None,
-        help="time budget: after 30 steps (the last 20 timed), lower --steps so training (schedule included) fits it",
+        help="time budget: lower --steps so training (schedule included) fits it, from the step time after 30 "
+        "steps and again at every --log-every",
     )
     p.add_argument("--out", required=True, help="output folder (created)")
 
@@ -181,6 +193,8 @@ def _build(args: argparse.Namespace, vocab_size: int, train_len: int, device: to
         max_seq_len=train_len,
         attn_window=attn_window,
         match_params=args.match_params,
+        decay_max=args.decay_max,
+        selective_write=args.selective_write,
     )
     return model.to(device)
 

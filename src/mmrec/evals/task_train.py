@@ -86,11 +86,14 @@ def build_task_model(
     max_seq_len: int = 1024,
     attn_window: int | None = None,
     match_params: bool = True,
+    decay_max: float = 0.999,
+    selective_write: bool = False,
 ) -> nn.Module:
     """An MM-Rec, or a Transformer of the same width and depth sized to MM-Rec's parameter count.
 
     ``max_seq_len`` is the gpt preset's learned position table (and recorded by
     the RoPE presets); ``attn_window`` is the mistral preset's sliding window.
+    ``decay_max`` and ``selective_write`` are MM-Rec's (see ``MMRecConfig``).
     When the smallest Transformer MLP is already larger than MM-Rec, the
     Transformer keeps its default MLP instead of failing.
     """
@@ -104,6 +107,9 @@ def build_task_model(
         chunk_size=chunk_size,
         mem_slots=mem_slots,
         summary_window=summary_window,
+        decay_min=min(0.9, decay_max),
+        decay_max=decay_max,
+        selective_write=selective_write,
     )
     if arch == "mmrec":
         return MMRecLM(mm_cfg)

@@ -20,6 +20,10 @@ class ShortTermMixer(nn.Module):
         S_t = g_t S_{t-1} + k_t^T v_t;       o_t = q_t S_t
         y = W_o (rmsnorm_head(o) * sigmoid(W_r x))
 
+    With ``selective_write`` the write is ``(1 - g_t) k_t^T v_t``: as in
+    Mamba-2, where the step size scales both the decay and the input, a token
+    whose gate keeps the state (g near 1) adds almost nothing to it.
+
     The decay depends on the input only, never on the state, so the whole
     sequence is computed in parallel (chunked form) and exactly equals the
     token-by-token step used for decoding.
@@ -30,6 +34,7 @@ class ShortTermMixer(nn.Module):
         d, H = cfg.d_model, cfg.n_heads
         self.n_heads, self.head_dim = H, cfg.head_dim
         self.tau = cfg.decay_tau
+        self.selective_write = cfg.selective_write
         assert cfg.scan_chunk is not None
         self.chunk: int = cfg.scan_chunk
         self.scan_block = cfg.scan_block
@@ -63,6 +68,8 @@ class ShortTermMixer(nn.Module):
         q, k, v = self.qkv(xc).view(B, T, 3, H, dh).permute(2, 0, 3, 1, 4)  # 3 x [B, H, T, dh]
         q = q * dh**-0.5
         log_g = F.logsigmoid(self.decay(x).float()).transpose(1, 2) / self.tau  # [B, H, T]
+        if self.selective_write:  # S_t = g_t S_{t-1} + (1 - g_t) k_t^T v_t
+            k = k * (-torch.expm1(log_g)).unsqueeze(-1).to(k.dtype)
         if T == 1:
             o, S = gla_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], log_g[:, :, 0], S)
             o = o.unsqueeze(2)
