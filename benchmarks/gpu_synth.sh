@@ -8,7 +8,7 @@
 #     2 layers), trained on Zoology's training mix plus the test setting itself, at lr 3e-3:
 #     MM-Rec with one 128-wide head and the LLaMA-style baseline;
 #   * induction heads, MM-Rec trained at 256 tokens and tested from 256 to 1M tokens (streamed),
-#     with the longest short-term head starting at horizons of 1e5 and 1e7 tokens.
+#     with the longest short-term head starting at a horizon of 1e7 tokens, and with selective writes.
 # Measured results of an earlier version: docs/results/synth-h100-2026-11-27/.
 # Beside them, the CUDA device tests. Results go to ${OUT:-.}: summary.md, results.json, logs.txt,
 # files/ (figures and model.safetensors of every job).
@@ -39,13 +39,14 @@ timeout $limit python -m mmrec synth mqar --arch llama --n-heads 2 --lr 3e-3 $mq
 ind="--arch mmrec --train-len ${TRAIN_LEN:-256} --test-lens ${TEST_LENS:-256 1024 4096 16384 65536 262144 1048576}
      --test-batch-size 16 --test-batches 2 --steps 1000000 --max-minutes $M --batch-size $((B / 2)) --lr 2e-3
      --device $dev --log-every 250 --threads 3"
-# Induction: the longest head starting at longer horizons. Default decay_max 0.999 recalled 1.0 to 1K and 0.03
-# at 64K on 2026-11-27; on the CPU proxy (train 64, test 1K) 0.999 / 1-1e-5 / 1-1e-7 gave 0.34 / 0.64 / 0.72,
-# and the selective write did worse (0.09); see docs/results/synth-h100-2026-11-27/README.md.
-timeout $limit python -m mmrec synth induction $ind --decay-max 0.99999 --out "$runs/induction_decay1e-5" \
-  > "$runs/induction_decay1e-5.log" 2>&1 &
+# Induction: the longest head starting at a horizon of 1e7 tokens (default decay_max 0.999 recalled 1.0 to 1K
+# and 0.03 at 64K on 2026-11-27; on the CPU proxy, train 64 -> test 1K, 0.34 -> 0.72), and Mamba-2-style
+# selection, which began to learn selective writes on the CPU proxy but needs more steps than a CPU gives;
+# see docs/results/synth-h100-2026-11-27/README.md.
 timeout $limit python -m mmrec synth induction $ind --decay-max 0.9999999 --out "$runs/induction_decay1e-7" \
   > "$runs/induction_decay1e-7.log" 2>&1 &
+timeout $limit python -m mmrec synth induction $ind --selective-write --out "$runs/induction_selective" \
+  > "$runs/induction_selective.log" 2>&1 &
 wait
 for r in "$runs"/*/; do echo "## $(basename "$r")"; cat "$r/results.md" 2>/dev/null || echo "(no results)"; echo; done \
   > "$out/summary.md"

@@ -87,7 +87,8 @@ def test_token_by_token_decoding_equals_full_pass(selective_write):
 
 
 def test_selective_write_scales_each_write_by_one_minus_the_decay():
-    """selective_write is the recurrence S_t = g_t S_{t-1} + (1 - g_t) k_t^T v_t, checked against a loop."""
+    """selective_write is the recurrence S_t = g_t S_{t-1} + (1 - g_t) k_t^T v_t with g_t computed from the
+    convolved features, checked against a loop."""
     torch.manual_seed(0)
     model = tiny(selective_write=True, n_layers=1).double()
     mixer = model.blocks[0].short_term
@@ -97,9 +98,9 @@ def test_selective_write_scales_each_write_by_one_minus_the_decay():
     S0 = torch.zeros(2, 4, 8, 8, dtype=torch.float64)
     tail = torch.zeros(2, 3, 32, dtype=torch.float64)
     y, S, _ = mixer(x, S0, tail)
-    xc, _ = mixer.conv(x, tail)
-    q, k, v = mixer.qkv(torch.nn.functional.silu(xc)).view(2, 19, 3, 4, 8).permute(2, 0, 3, 1, 4)
-    g = torch.sigmoid(mixer.decay(x)).transpose(1, 2)  # [B, H, T]
+    xc = torch.nn.functional.silu(mixer.conv(x, tail)[0])
+    q, k, v = mixer.qkv(xc).view(2, 19, 3, 4, 8).permute(2, 0, 3, 1, 4)
+    g = torch.sigmoid(mixer.decay(xc)).transpose(1, 2)  # [B, H, T]
     state = S0.clone()
     for t in range(19):
         gt = g[:, :, t, None, None]

@@ -84,8 +84,8 @@ class MMRecConfig(ConfigMixin):
     decay_max: float = _doc("Initial per-step decay of the longest-memory head.", default=0.999)
     decay_tau: float = _doc("Temperature of the decay: log g = logsigmoid(W x + b) / tau.", default=1.0)
     selective_write: bool = _doc(
-        "Scale each token's write k v^T by (1 - g) (Mamba-2 style): a token that keeps the state does not "
-        "write to it either.",
+        "Mamba-2-style selection in the short-term memory: the decay g is computed from the convolved features "
+        "and each token's write k v^T is scaled by (1 - g), so a token that keeps the state does not write to it.",
         default=False,
     )
     norm_eps: float = _doc("Epsilon of the RMSNorms.", default=1e-6)

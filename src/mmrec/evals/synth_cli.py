@@ -146,7 +146,8 @@ def _add_model_args(p: argparse.ArgumentParser, d_model: int) -> None:
     p.add_argument(
         "--selective-write",
         action="store_true",
-        help="MM-Rec: scale each short-term write by (1 - decay), Mamba-2 style (MMRecConfig.selective_write)",
+        help="MM-Rec: Mamba-2-style selection in the short-term memory: decay from the convolved features, "
+        "writes scaled by (1 - decay) (MMRecConfig.selective_write)",
     )
     p.add_argument(
         "--attn-window",

@@ -20,9 +20,10 @@ class ShortTermMixer(nn.Module):
         S_t = g_t S_{t-1} + k_t^T v_t;       o_t = q_t S_t
         y = W_o (rmsnorm_head(o) * sigmoid(W_r x))
 
-    With ``selective_write`` the write is ``(1 - g_t) k_t^T v_t``: as in
-    Mamba-2, where the step size scales both the decay and the input, a token
-    whose gate keeps the state (g near 1) adds almost nothing to it.
+    With ``selective_write`` (Mamba-2's selection) the decay is computed from
+    the convolved features, like q, k, v, and the write is ``(1 - g_t) k_t^T v_t``:
+    the step size scales both the decay and the input, so a token whose gate
+    keeps the state (g near 1) adds almost nothing to it.
 
     The decay depends on the input only, never on the state, so the whole
     sequence is computed in parallel (chunked form) and exactly equals the
@@ -67,7 +68,10 @@ class ShortTermMixer(nn.Module):
             xc = x
         q, k, v = self.qkv(xc).view(B, T, 3, H, dh).permute(2, 0, 3, 1, 4)  # 3 x [B, H, T, dh]
         q = q * dh**-0.5
-        log_g = F.logsigmoid(self.decay(x).float()).transpose(1, 2) / self.tau  # [B, H, T]
+        # Selective: the decay sees the convolved features, as Mamba's step size does, so it can depend on
+        # the previous tokens (e.g. write the token that follows a marker).
+        gate_in = xc if self.selective_write else x
+        log_g = F.logsigmoid(self.decay(gate_in).float()).transpose(1, 2) / self.tau  # [B, H, T]
         if self.selective_write:  # S_t = g_t S_{t-1} + (1 - g_t) k_t^T v_t
             k = k * (-torch.expm1(log_g)).unsqueeze(-1).to(k.dtype)
         if T == 1:
