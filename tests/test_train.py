@@ -206,6 +206,19 @@ def test_bad_input_fails_before_any_work(corpus, tmp_path):
         Trainer(tiny_config(corpus, tmp_path, max_steps=8)).fit()
     with pytest.raises(ConfigError, match="other settings for d_model"):
         Trainer(tiny_config(corpus, tmp_path, max_steps=8, d_model=64, resume="auto")).fit()
+    with pytest.raises(ConfigError, match="other settings for selective_write"):
+        Trainer(tiny_config(corpus, tmp_path, max_steps=8, selective_write=True, resume="auto")).fit()
+    with pytest.raises(ConfigError, match="decay_max"):
+        tiny_config(corpus, tmp_path, decay_max=1.0)
+
+
+def test_mmrec_options_reach_the_model():
+    from mmrec.train.trainer import build_model
+
+    model = build_model(TrainConfig(d_model=32, n_heads=2, decay_max=0.9999999, selective_write=True), 257)
+    assert model.config.selective_write is True and model.config.decay_max == 0.9999999
+    assert model.config.decay_min == 0.9
+    assert build_model(TrainConfig(d_model=32, n_heads=2, decay_max=0.5), 257).config.decay_min == 0.5
 
 
 def test_resume_refuses_data_that_changed_under_it(corpus, tmp_path):

@@ -31,6 +31,12 @@ class TrainConfig(ConfigMixin):
     chunk_size: int = _doc("MM-Rec chunk size: long-term memory is written once per chunk.", default=64)
     mem_slots: int = _doc("MM-Rec long-term memory slots per layer.", default=32)
     summary_window: int = _doc("MM-Rec chunk summaries kept in the level-1 FIFO.", default=8)
+    decay_max: float = _doc("MM-Rec: initial decay of the longest-memory short-term head.", default=0.999)
+    selective_write: bool = _doc(
+        "MM-Rec: Mamba-2-style selection in the short-term memory (decay from the convolved features, "
+        "writes scaled by 1 - decay).",
+        default=False,
+    )
     window: int | None = _doc("Sliding attention window of the mistral preset.", default=None)
     match_params: bool = _doc(
         "Size a transformer's MLP to the parameter count of the MM-Rec with the same flags.", default=True
@@ -122,6 +128,8 @@ class TrainConfig(ConfigMixin):
                 raise ConfigError(f"{name}: must be a finite number >= 0, got {v!r}")
         if self.lr <= 0:
             raise ConfigError(f"lr: must be > 0, got {self.lr}")
+        if not (isinstance(self.decay_max, (int, float)) and 0 < self.decay_max < 1):
+            raise ConfigError(f"decay_max: must be between 0 and 1 (exclusive), got {self.decay_max!r}")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"val_fraction: must be between 0 and 1 (exclusive), got {self.val_fraction}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):

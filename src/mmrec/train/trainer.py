@@ -69,6 +69,8 @@ RESUME_MUST_MATCH = (
     "chunk_size",
     "mem_slots",
     "summary_window",
+    "decay_max",
+    "selective_write",
     "window",
     "match_params",
     "seq_len",
@@ -96,6 +98,9 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> nn.Module:
         chunk_size=cfg.chunk_size,
         mem_slots=cfg.mem_slots,
         summary_window=cfg.summary_window,
+        decay_min=min(0.9, cfg.decay_max),
+        decay_max=cfg.decay_max,
+        selective_write=cfg.selective_write,
     )
     if cfg.arch == "mmrec":
         return MMRecLM(mm_cfg)
