@@ -37,7 +37,7 @@ timeout $limit python -m mmrec synth mqar --arch mmrec --n-heads 1 --lr 3e-3 $mq
 timeout $limit python -m mmrec synth mqar --arch llama --n-heads 2 --lr 3e-3 $mq --out "$runs/mqar_llama" \
   > "$runs/mqar_llama.log" 2>&1 &
 ind="--arch mmrec --train-len ${TRAIN_LEN:-256} --test-lens ${TEST_LENS:-256 1024 4096 16384 65536 262144 1048576}
-     --test-batch-size 16 --test-batches 2 --steps 1000000 --max-minutes $M --batch-size $((B / 2)) --lr 2e-3
+     --test-batch-size 16 --test-batches 4 --steps 1000000 --max-minutes $M --batch-size $((B / 2)) --lr 2e-3
      --device $dev --log-every 250 --threads 3"
 # Induction: the longest head starting at a horizon of 1e7 tokens (default decay_max 0.999 recalled 1.0 to 1K
 # and 0.03 at 64K on 2026-11-27; on the CPU proxy, train 64 -> test 1K, 0.34 -> 0.72), and Mamba-2-style
