@@ -1,6 +1,6 @@
 """Induction heads trained short and tested long, on a CPU: which MM-Rec variants carry recall further.
 
-    python benchmarks/induction_proxy.py --out runs/induction_proxy.json        # 4 variants x 1 seed, 6-7 min
+    python benchmarks/induction_proxy.py --out runs/induction_proxy.json        # 5 variants x 1 seed, ~8 min
     python benchmarks/induction_proxy.py --steps 20 --test-lens 64 256          # a smoke run
 
 A small stand-in for issue 5's induction goal (trained at 256 tokens, perfect
@@ -39,6 +39,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "decay_max 1-1e-7": {"decay_max": 0.9999999},
     "selective_write": {"selective_write": True},
     "selective_write, decay_max 1-1e-5": {"selective_write": True, "decay_max": 0.99999},
+    "selective_write, decay_max 1-1e-7": {"selective_write": True, "decay_max": 0.9999999},
 }
 
 
