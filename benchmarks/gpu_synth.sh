@@ -39,7 +39,8 @@ ind="--arch mmrec --train-len ${TRAIN_LEN:-256} --test-lens ${TEST_LENS:-256 102
 # Induction (default MM-Rec recalled 1.0 to 1K and 0.03 at 64K on 2026-11-27): selective writes with the slowest
 # head starting at horizons of 1e5 and 1e7 tokens, and the non-selective 1e7 control. On the CPU proxy
 # (benchmarks/induction_proxy.py, train 64 -> test 1K / 4K) selective 1e-5 reached 0.91 / 0.12 after 2,400 steps
-# with its writes 11x stronger after the trigger; see docs/results/synth-h100-2026-11-27/README.md.
+# with its writes 11x stronger after the trigger (but 0.66 / 0.16 after 4,800: unstable at 64 tokens);
+# see docs/results/synth-h100-2026-11-27/README.md.
 timeout $limit python -m mmrec synth induction $ind --selective-write --decay-max 0.99999 \
   --out "$runs/induction_selective_1e-5" > "$runs/induction_selective_1e-5.log" 2>&1 &
 timeout $limit python -m mmrec synth induction $ind --selective-write --decay-max 0.9999999 \
