@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
 # The synthetic long-context tasks of issue 5 on one CUDA GPU, as one prepared run.
 #
-# Six jobs share the GPU (small models are launch-bound, and each job draws its batches in a
-# background thread, so they overlap well). The synthetic ones train for MINUTES (step count fitted to
-# the budget after 30 steps and refitted at every log line) and are then evaluated:
-#   * MQAR at the Zoology test setting (512 tokens, 64 key-value pairs, vocabulary 8192, width 128,
-#     2 layers), trained on Zoology's training mix plus the test setting itself: the LLaMA-style
-#     baseline at lr 3e-3 (MM-Rec reached 0.928 at lr 3e-3 on 2026-11-27; the baseline then had lr 1e-3);
-#   * induction heads, MM-Rec trained at 256 tokens and tested from 256 to 1M tokens (streamed),
-#     with selective writes at two initial horizons and a non-selective control;
-#   * passkey (PASSKEY=1): MM-Rec and LLaMA-style language models trained by `mmrec train` with passkey
-#     documents mixed in (a fixed step count; cut off after MINUTES, the newest checkpoint is evaluated),
-#     then `mmrec eval passkey` to 1M tokens.
-# Beside them, the CUDA device tests. Results go to ${OUT:-.}: summary.md, results.json, logs.txt,
-# files/ (figures, metrics and the synthetic jobs' model.safetensors).
+# The jobs named in JOBS (default: tests mqar induction passkey) share the GPU (small models are launch-bound,
+# and each job draws its batches in a background thread, so they overlap well). The synthetic ones train for
+# MINUTES (step count fitted to the budget after 30 steps and refitted at every log line), then are evaluated:
+#   * mqar: the Zoology test setting (512 tokens, 64 key-value pairs, vocabulary 8192, width 128, 2 layers),
+#     trained on Zoology's training mix plus the test setting itself: the LLaMA-style baseline at lr 3e-3
+#     (MM-Rec reached 0.928 at lr 3e-3 on 2026-11-27);
+#   * induction: MM-Rec trained at 256 tokens and tested from 256 to 1M tokens (streamed), one job per
+#     variant of IND;
+#   * passkey: MM-Rec and LLaMA-style language models trained by `mmrec train` with passkey documents mixed
+#     in (a fixed step count; cut off after MINUTES, the newest checkpoint is evaluated), then
+#     `mmrec eval passkey` to 1M tokens;
+#   * tests: the CUDA device tests.
+# Results go to ${OUT:-.}: summary.md, results.json, logs.txt, files/ (figures, metrics and the synthetic
+# jobs' model.safetensors).
 # A CPU dry run of the plumbing: DEVICE=cpu MINUTES=0.2 SEQ=64 KV=4 VOCAB=64 MIX="32:2 64:4" \
 #   TEST_LENS="256 1024" BATCH=8 PK_STEPS_MMREC=4 PK_STEPS_LLAMA=4 PK_LENS="256 1024" PK_TRIALS=2 PK_SEQ=128 PK_BATCH=2 \
 #   bash benchmarks/gpu_synth.sh
@@ -30,28 +31,32 @@ B=${BATCH:-256}
 mq="--seq-len ${SEQ:-512} --kv-pairs ${KV:-64} --vocab-size ${VOCAB:-8192} --d-model ${WIDTH:-128} --n-layers 2
     --train-mix ${MIX:-zoology 512:64:20000} --batch-size $B --steps 1000000 --max-minutes $M --device $dev
     --log-every 250 --threads 3"
-if [ "$dev" = cuda ]; then
+jobs=" ${JOBS:-tests mqar induction passkey} "
+if [ "$dev" = cuda ] && [[ $jobs == *" tests "* ]]; then
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
   python -c "import torch; print('torch', torch.__version__)"
   (timeout 300 python -m pytest -q -x -p no:cacheprovider -m gpu tests/test_devices.py > "$runs/gpu_tests.log" 2>&1) &
 fi
-timeout $limit python -m mmrec synth mqar --arch llama --n-heads 2 --lr 3e-3 $mq --out "$runs/mqar_llama" \
-  > "$runs/mqar_llama.log" 2>&1 &
+if [[ $jobs == *" mqar "* ]]; then
+  timeout $limit python -m mmrec synth mqar --arch llama --n-heads 2 --lr 3e-3 $mq --out "$runs/mqar_llama" \
+    > "$runs/mqar_llama.log" 2>&1 &
+fi
 ind="--arch mmrec --train-len ${TRAIN_LEN:-256} --test-lens ${TEST_LENS:-256 1024 4096 16384 65536 262144 1048576}
      --test-batch-size 16 --test-batches 4 --steps 1000000 --max-minutes $M --batch-size $((B / 2)) --lr 2e-3
      --device $dev --log-every 250 --threads 3"
-# Induction (default MM-Rec recalled 1.0 to 1K and 0.03 at 64K on 2026-11-27): selective writes with the default
-# horizons (10 to 1,000 tokens, as Mamba's step-size initialisation) and with the slowest head starting at 1e5
-# tokens, and the non-selective 1e7 control. On the CPU proxy
-# (benchmarks/induction_proxy.py, train 64 -> test 1K / 4K) selective 1e-5 reached 0.91 / 0.12 after 2,400 steps
-# with its writes 11x stronger after the trigger (but 0.66 / 0.16 after 4,800: unstable at 64 tokens);
-# see docs/results/synth-h100-2026-11-27/README.md.
-timeout $limit python -m mmrec synth induction $ind --selective-write --decay-max 0.99999 \
-  --out "$runs/induction_selective_1e-5" > "$runs/induction_selective_1e-5.log" 2>&1 &
-timeout $limit python -m mmrec synth induction $ind --selective-write \
-  --out "$runs/induction_selective" > "$runs/induction_selective.log" 2>&1 &
-timeout $limit python -m mmrec synth induction $ind --decay-max 0.9999999 --out "$runs/induction_decay1e-7" \
-  > "$runs/induction_decay1e-7.log" 2>&1 &
+# Induction: one job per "name=flags" entry of IND (separated by ';'). History (all trained at 256 on an H100,
+# docs/results/synth-h100-2026-11-27/README.md): default MM-Rec 1.0 to 1K and 0.03 at 64K; selective writes
+# (default horizons or decay_max 1-1e-5) and the non-selective decay_max 1-1e-7 control 0.02-0.16 at 16K. Sparse
+# writes with a penalty on the write gates (--sparse-write --write-l1) recalled 1.000 at 64K after training at 64
+# tokens on the CPU proxy (benchmarks/induction_proxy.py): all but ~1% of the writes are switched off exactly.
+IND=${IND:-"sparse_l1_0.1=--sparse-write --write-l1 0.1;sparse_l1_0.1_seed1=--sparse-write --write-l1 0.1 --seed 1;sparse_l1_0.01=--sparse-write --write-l1 0.01"}
+if [[ $jobs == *" induction "* ]]; then
+  IFS=';' read -ra variants <<< "$IND"
+  for v in "${variants[@]}"; do
+    name=induction_${v%%=*}
+    timeout $limit python -m mmrec synth induction $ind ${v#*=} --out "$runs/$name" > "$runs/$name.log" 2>&1 &
+  done
+fi
 # Passkey (issue 5's goal: trained at <= 4K tokens, the key at 100% to 64K and >= 90% at 1M): MM-Rec and the
 # LLaMA-style baseline trained by `mmrec train` on the built-in corpus mixed 1:3 with passkey documents of
 # 128-2,048 tokens, in 2,048-token windows (MM-Rec carries its state across windows), then the passkey grid to 1M.
@@ -66,7 +71,7 @@ passkey_job() {  # name, train seconds, then train flags
   timeout "${PK_EVAL_S:-130}" python -m mmrec eval passkey --checkpoint "$runs/$name" $pk_eval \
     --out "$runs/${name}_eval" >> "$runs/$name.log" 2>&1
 }
-if [ "${PASSKEY:-1}" = 1 ]; then
+if [[ $jobs == *" passkey "* ]]; then
   python -m mmrec synth passkey-data --out "$runs/passkey.jsonl" --n 6000 --min-len 128 --max-len 2048
   pk_s=$(python -c "print(int(float('$M') * 60))")
   passkey_job passkey_mmrec "$pk_s" --max-steps "${PK_STEPS_MMREC:-1500}" ${PK_MMREC_FLAGS---selective-write --decay-max 0.99999} &
@@ -88,7 +93,8 @@ pathlib.Path(sys.argv[2]).write_text(json.dumps(found, indent=1))
 PY
 for f in "$runs"/*.log; do echo "== $f"; grep -v "^step" "$f" | tail -n 12; grep "^step" "$f" | tail -n 4; done \
   > "$out/logs.txt"
-# Figures and trained weights (a few MB) come back too, to be studied on a CPU.
-mkdir -p "$out/files" && for r in "$runs"/*/; do for p in "$r"*.png "$r"*.safetensors "$r"*.csv; do
-  [ -f "$p" ] && cp "$p" "$out/files/$(basename "$r")_$(basename "$p")"; done; done
+# Figures, metrics and trained weights (a few MB) come back too, to be studied on a CPU (FILE_TYPES: fewer kinds
+# when the device returns only a few files).
+mkdir -p "$out/files" && for r in "$runs"/*/; do for ext in ${FILE_TYPES:-png safetensors csv}; do
+  for p in "$r"*."$ext"; do [ -f "$p" ] && cp "$p" "$out/files/$(basename "$r")_$(basename "$p")"; done; done; done
 cat "$out/summary.md" "$out/logs.txt"

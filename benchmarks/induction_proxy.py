@@ -40,6 +40,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "selective_write": {"selective_write": True},
     "selective_write, decay_max 1-1e-5": {"selective_write": True, "decay_max": 0.99999},
     "selective_write, decay_max 1-1e-7": {"selective_write": True, "decay_max": 0.9999999},
+    "sparse_write": {"selective_write": True, "sparse_write": True},
+    "sparse_write, decay_max 1-1e-5": {"selective_write": True, "sparse_write": True, "decay_max": 0.99999},
+    "sparse_write, l1 0.01": {"selective_write": True, "sparse_write": True, "write_l1": 0.01},
+    "sparse_write, l1 0.1": {"selective_write": True, "sparse_write": True, "write_l1": 0.1},
 }
 
 
@@ -53,13 +57,38 @@ def write_rates(model: MMRecLM, seq_len: int) -> tuple[float, float]:
     gate_in = h
     if mixer.selective_write and mixer.conv is not None:
         gate_in = F.silu(mixer.conv(h, h.new_zeros(h.size(0), mixer.conv.kernel_size - 1, h.size(-1)))[0])
-    one_minus_g = -torch.expm1(F.logsigmoid(mixer.decay(gate_in)) / mixer.tau)  # [B, T, H]
+    one_minus_g = -torch.expm1(mixer.log_decay(gate_in))  # [B, T, H]
     slowest = int(one_minus_g.mean(dim=(0, 1)).argmin())
     after = torch.zeros_like(x, dtype=torch.bool)
     after[:, 1:] = x[:, :-1] == VOCAB - 1
     ordinary = ~after & (x != VOCAB - 1)
     rates = one_minus_g[..., slowest]
     return float(rates[ordinary].median()), float(rates[after].median())
+
+
+@torch.no_grad()
+def frozen_shares(model: MMRecLM, seq_len: int) -> list[float]:
+    """Per layer: the share of (token, head) pairs whose short-term state is left exactly unchanged (g == 1)."""
+    x, _ = induction_batch(16, seq_len, VOCAB, torch.Generator().manual_seed(7))
+    seen: list[torch.Tensor] = []
+    originals = []
+    for block in model.layers:
+        mixer = block.short_term
+        original = mixer.log_decay
+        originals.append((mixer, original))
+
+        def record(gate_in: torch.Tensor, original: Any = original) -> torch.Tensor:
+            out = original(gate_in)
+            seen.append(out)
+            return out
+
+        mixer.log_decay = record  # type: ignore[method-assign]
+    try:
+        model(x)
+    finally:
+        for mixer, _ in originals:
+            del mixer.log_decay  # back to the class's method
+    return [float((log_g == 0).float().mean()) for log_g in seen]
 
 
 def accuracy(model: torch.nn.Module, length: int, batches: int, batch_size: int) -> float:
@@ -71,7 +100,8 @@ def accuracy(model: torch.nn.Module, length: int, batches: int, batch_size: int)
 
 def run_variant(name: str, options: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(args.seed)
-    model = build_task_model("mmrec", VOCAB, 64, 2, 2, **options)
+    model_options = {k: v for k, v in options.items() if k != "write_l1"}
+    model = build_task_model("mmrec", VOCAB, 64, 2, 2, **model_options)
     assert isinstance(model, MMRecLM)
     t0 = time.perf_counter()
     train_task(
@@ -84,6 +114,7 @@ def run_variant(name: str, options: dict[str, Any], args: argparse.Namespace) ->
         seed=args.seed,
         eval_fn=lambda m: 0.0,
         log=None,
+        write_l1=options.get("write_l1", 0.0),
     )
     seconds = time.perf_counter() - t0
     model.eval()
@@ -98,6 +129,7 @@ def run_variant(name: str, options: dict[str, Any], args: argparse.Namespace) ->
         for o, w in zip(outs, saved, strict=True):
             o.weight.copy_(w)
     ordinary, after = write_rates(model, args.train_len)
+    frozen = frozen_shares(model, args.train_len)
     return {
         "variant": name,
         "options": options,
@@ -105,6 +137,7 @@ def run_variant(name: str, options: dict[str, Any], args: argparse.Namespace) ->
         "accuracy_without_memory_read": no_memory,
         "write_rate_ordinary": ordinary,
         "write_rate_after_trigger": after,
+        "frozen_share_by_layer": frozen,
         "train_seconds": seconds,
     }
 
@@ -134,16 +167,20 @@ def main() -> None:
     print(
         f"\nInduction, MM-Rec d 64, trained at {args.train_len} tokens for {args.steps} steps of {args.batch_size} "
         f"(lr {args.lr:g}, seed {args.seed}); accuracy over {args.test_batches * args.batch_size} sequences per "
-        f"length (chance {1 / (VOCAB - 2):.3f}); memory read zeroed in brackets; 1 - g of layer 0's slowest head.\n"
+        f"length (chance {1 / (VOCAB - 2):.3f}); memory read zeroed in brackets; 1 - g of layer 0's slowest head; "
+        "frozen: share of (token, head) pairs that leave the state exactly unchanged, per layer.\n"
     )
-    print("| variant | " + " | ".join(f"{n:,}" for n in lens) + " | 1 - g ordinary | 1 - g after trigger | ratio |")
-    print("|---|" + "---:|" * (len(lens) + 3))
+    print(
+        "| variant | " + " | ".join(f"{n:,}" for n in lens) + " | 1 - g ordinary | 1 - g after trigger | ratio | "
+        "frozen (layers) |"
+    )
+    print("|---|" + "---:|" * (len(lens) + 4))
     for r in rows:
         cells = " | ".join(f"{r['accuracy'][n]:.3f} ({r['accuracy_without_memory_read'][n]:.3f})" for n in lens)
         ratio = r["write_rate_after_trigger"] / max(r["write_rate_ordinary"], 1e-30)
         print(
             f"| {r['variant']} | {cells} | {r['write_rate_ordinary']:.1e} | {r['write_rate_after_trigger']:.1e} | "
-            f"{ratio:.1f}x |"
+            f"{ratio:.1f}x | {' / '.join(f'{f:.4f}' for f in r['frozen_share_by_layer'])} |"
         )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

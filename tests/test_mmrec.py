@@ -58,10 +58,30 @@ def test_memory_carries_information_across_chunks():
     assert diff[8:].min() > 0, "every later chunk reads the written memory"
 
 
+WRITES = {
+    "plain": {},
+    "selective": {"selective_write": True},
+    "sparse": {"selective_write": True, "sparse_write": True},
+}
+
+
+def tiny_writes(kind: str, **kw) -> MMRecLM:
+    """A tiny model whose decays depend on the input; with sparse writes about half the gates are off."""
+    model = tiny(**WRITES[kind], **kw)
+    if kind != "plain":
+        with torch.no_grad():
+            for block in model.layers:
+                mixer = block.short_term
+                mixer.decay.weight.normal_(0, 0.5)
+                if kind == "sparse":
+                    mixer.decay.bias[mixer.n_heads :].zero_()
+    return model
+
+
 @pytest.mark.parametrize("split", [1, 7, 8, 9, 16, 33, 63])
-@pytest.mark.parametrize("selective_write", [False, True])
-def test_streaming_split_equals_full_pass(split, selective_write):
-    model = tiny(selective_write=selective_write)
+@pytest.mark.parametrize("writes", list(WRITES))
+def test_streaming_split_equals_full_pass(split, writes):
+    model = tiny_writes(writes)
     ids = torch.randint(0, 256, (2, 64))
     full = model(ids)
     a = model(ids[:, :split])
@@ -71,9 +91,9 @@ def test_streaming_split_equals_full_pass(split, selective_write):
         assert rel_err(b.state.tensors()[name], t) <= 1e-4 or t.abs().max() == 0, name
 
 
-@pytest.mark.parametrize("selective_write", [False, True])
-def test_token_by_token_decoding_equals_full_pass(selective_write):
-    model = tiny(selective_write=selective_write)
+@pytest.mark.parametrize("writes", list(WRITES))
+def test_token_by_token_decoding_equals_full_pass(writes):
+    model = tiny_writes(writes)
     ids = torch.randint(0, 256, (2, 44))  # 5.5 chunks: writes and FIFO fills happen in step mode
     full = model(ids)
     state, steps = None, []
@@ -109,6 +129,57 @@ def test_selective_write_scales_each_write_by_one_minus_the_decay():
     plain = tiny(selective_write=False, n_layers=1).double()
     plain.load_state_dict(model.state_dict())
     assert rel_err(plain.blocks[0].short_term(x, S0, tail)[1], S) > 0.1  # the option changes the recurrence
+
+
+def test_sparse_write_gate_scales_the_step_and_switches_tokens_off_exactly():
+    """sparse_write: log g_t = relu(s_t) logsigmoid(z_t) and the write is (1 - g_t) k_t^T v_t, checked against a
+    loop; a token whose gate s_t <= 0 leaves the state bit for bit as it was, at any length."""
+    torch.manual_seed(0)
+    model = tiny_writes("sparse", n_layers=1).double()
+    mixer = model.blocks[0].short_term
+    H = mixer.n_heads
+    x = torch.randn(2, 19, 32, dtype=torch.float64)
+    S0 = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    tail = torch.zeros(2, 3, 32, dtype=torch.float64)
+    _, S, _ = mixer(x, S0, tail)
+    xc = torch.nn.functional.silu(mixer.conv(x, tail)[0])
+    q, k, v = mixer.qkv(xc).view(2, 19, 3, 4, 8).permute(2, 0, 3, 1, 4)
+    z, gate = mixer.decay(xc).split(H, dim=-1)
+    assert 0.2 < (gate <= 0).double().mean() < 0.8  # both kinds of token are present
+    g = (torch.sigmoid(z) ** torch.relu(gate)).transpose(1, 2)  # [B, H, T]
+    state = S0.clone()
+    for t in range(19):
+        gt = g[:, :, t, None, None]
+        state = gt * state + (1 - gt) * k[:, :, t, :, None] * v[:, :, t, None, :]
+    assert rel_err(S, state) <= 1e-6
+    with torch.no_grad():
+        mixer.decay.weight[H:].zero_()
+        mixer.decay.bias[H:].fill_(-0.5)  # every gate off
+    for T in (1, 19, 300):
+        xs = torch.randn(2, T, 32, dtype=torch.float64)
+        assert torch.equal(mixer(xs, S0, torch.zeros(2, 3, 32, dtype=torch.float64))[1], S0)
+
+
+def test_write_gate_mean_is_the_mean_relu_gate_of_the_last_training_forward():
+    model = tiny_writes("sparse").train()
+    inputs = []
+    for block in model.layers:
+        block.short_term.register_forward_hook(lambda m, args, out: inputs.append((m, args[0], args[2])))
+    model(torch.randint(0, 256, (2, 20)))
+    gates = []
+    for mixer, x, tail in inputs:
+        xc = torch.nn.functional.silu(mixer.conv(x, tail)[0])
+        gates.append(torch.relu(mixer.decay(xc)[..., mixer.n_heads :]).mean())
+    assert torch.allclose(model.write_gate_mean(), torch.stack(gates).mean())
+    assert 0 < model.write_gate_mean().item() < 1
+    with pytest.raises(RuntimeError, match="sparse_write"):
+        tiny().train().write_gate_mean()
+    model.eval()
+    model(torch.randint(0, 256, (2, 20)))
+    with pytest.raises(RuntimeError, match="training mode"):
+        model.write_gate_mean()
+    with pytest.raises(mmrec.ConfigError, match="sparse_write"):
+        MMRecConfig(sparse_write=True)
 
 
 def test_chunked_scan_size_is_only_a_speed_knob():

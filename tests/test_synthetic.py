@@ -352,15 +352,33 @@ def test_cli_mqar_trains_on_a_mix_and_tests_on_its_own_setting(tmp_path, capsys)
     assert not (tmp_path / "short").exists()
 
 
+def test_write_penalty_switches_sparse_writes_off() -> None:
+    def make_batch(b: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return induction_batch(b, 32, 16, g)
+
+    gate = {}
+    for l1 in (0.0, 1.0):
+        torch.manual_seed(0)
+        model = build_task_model("mmrec", 16, 32, 2, 2, selective_write=True, sparse_write=True)
+        train_task(model, make_batch, 40, 8, 1e-2, "cpu", log=None, write_l1=l1, eval_fn=lambda m: 0.0)
+        model.train()
+        model(make_batch(8, torch.Generator().manual_seed(1))[0])
+        gate[l1] = model.write_gate_mean().item()  # type: ignore[operator]
+    assert gate[1.0] < 0.1 * gate[0.0]
+    with pytest.raises(ValueError, match="sparse_write"):
+        train_task(build_task_model("mmrec", 16, 32, 2, 2), make_batch, 1, 2, 1e-3, "cpu", log=None, write_l1=0.1)
+
+
 def test_cli_induction_streams_long_and_skips_what_cannot_run(tmp_path) -> None:  # noqa: ANN001
     common = ["--train-len", "32", "--test-lens", "32", "300", "--steps", "3", "--batch-size", "4"]
     common += ["--test-batches", "1", "--window", "64", "--device", "cpu"]
     out = tmp_path / "ind"
-    mm_options = ["--selective-write", "--decay-max", "0.9999"]
+    mm_options = ["--sparse-write", "--write-l1", "0.01", "--decay-max", "0.9999"]  # sparse implies selective
     args = parser().parse_args(["synth", "induction", *TINY_MODEL, *common, *mm_options, "--out", str(out)])
     assert args.func(args) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["model_config"]["selective_write"] is True and results["model_config"]["decay_max"] == 0.9999
+    assert results["model_config"]["sparse_write"] is True and results["write_l1"] == 0.01
     assert set(results["accuracy"]) == {"32", "300"}
     assert results["per_length"]["300"]["mode"] == "recurrent"
     assert (out / "accuracy.png").exists() and "| 300 |" in (out / "results.md").read_text()

@@ -210,6 +210,12 @@ def test_bad_input_fails_before_any_work(corpus, tmp_path):
         Trainer(tiny_config(corpus, tmp_path, max_steps=8, selective_write=True, resume="auto")).fit()
     with pytest.raises(ConfigError, match="decay_max"):
         tiny_config(corpus, tmp_path, decay_max=1.0)
+    with pytest.raises(ConfigError, match="sparse_write: needs selective_write"):
+        tiny_config(corpus, tmp_path, sparse_write=True)
+    with pytest.raises(ConfigError, match="write_l1"):
+        tiny_config(corpus, tmp_path, write_l1=0.1)
+    with pytest.raises(ConfigError, match="write_l1"):
+        tiny_config(corpus, tmp_path, write_l1=-1.0, selective_write=True, sparse_write=True)
 
 
 def test_mmrec_options_reach_the_model():
@@ -219,6 +225,22 @@ def test_mmrec_options_reach_the_model():
     assert model.config.selective_write is True and model.config.decay_max == 0.9999999
     assert model.config.decay_min == 0.9
     assert build_model(TrainConfig(d_model=32, n_heads=2, decay_max=0.5), 257).config.decay_min == 0.5
+    sparse = TrainConfig(d_model=32, n_heads=2, selective_write=True, sparse_write=True)
+    assert build_model(sparse, 257).config.sparse_write is True
+
+
+def test_write_penalty_trains_and_is_not_in_the_logged_loss(corpus, tmp_path):
+    """write_l1 adds a penalty on the sparse-write gates to the backward pass only; with write_l1 = 0 the
+    same run takes exactly the same steps."""
+    sparse = dict(selective_write=True, sparse_write=True, max_steps=3, eval_every=3, checkpoint_every=3)
+    losses = {}
+    for l1 in (0.0, 0.5):
+        out = tmp_path / f"l1-{l1}"
+        summary = Trainer(tiny_config(corpus, out, write_l1=l1, **sparse)).fit()
+        losses[l1] = summary["val_loss"]
+        rows = (out / "run" / "metrics.csv").read_text().splitlines()
+        assert len(rows) == 4
+    assert losses[0.5] != losses[0.0]  # the penalty changed the updates
 
 
 def test_resume_refuses_data_that_changed_under_it(corpus, tmp_path):

@@ -88,6 +88,11 @@ class MMRecConfig(ConfigMixin):
         "and each token's write k v^T is scaled by (1 - g), so a token that keeps the state does not write to it.",
         default=False,
     )
+    sparse_write: bool = _doc(
+        "With selective_write: the step size is also multiplied by relu(W_s x + b_s), so a token whose gate is at "
+        "or below zero leaves the short-term state exactly unchanged (decay 1, no write), at any sequence length.",
+        default=False,
+    )
     norm_eps: float = _doc("Epsilon of the RMSNorms.", default=1e-6)
     init_std: float = _doc("Standard deviation of the weight initialisation.", default=0.02)
     scan_chunk: int | None = _doc(
@@ -141,6 +146,14 @@ class MMRecConfig(ConfigMixin):
             isinstance(self.selective_write, bool),
             "selective_write",
             f"must be true or false, got {self.selective_write!r}",
+        )
+        _require(
+            isinstance(self.sparse_write, bool), "sparse_write", f"must be true or false, got {self.sparse_write!r}"
+        )
+        _require(
+            not self.sparse_write or self.selective_write,
+            "sparse_write",
+            "needs selective_write (without it a token's write is not scaled by its step size)",
         )
         _require(self.norm_eps > 0, "norm_eps", f"must be > 0, got {self.norm_eps}")
         _require(self.init_std > 0, "init_std", f"must be > 0, got {self.init_std}")

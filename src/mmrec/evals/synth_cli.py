@@ -49,6 +49,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
 def _unit_float(text: str) -> float:
     try:
         value = float(text)
@@ -150,6 +160,19 @@ def _add_model_args(p: argparse.ArgumentParser, d_model: int) -> None:
         "writes scaled by (1 - decay) (MMRecConfig.selective_write)",
     )
     p.add_argument(
+        "--sparse-write",
+        action="store_true",
+        help="MM-Rec: selective writes whose gate relu(W x + b) can leave the state exactly unchanged "
+        "(implies --selective-write; MMRecConfig.sparse_write)",
+    )
+    p.add_argument(
+        "--write-l1",
+        type=_nonnegative_float,
+        default=0.0,
+        help="MM-Rec with --sparse-write: weight of a penalty on the mean write gate, which switches off the "
+        "writes the task does not need (default: 0)",
+    )
+    p.add_argument(
         "--attn-window",
         type=positive_int,
         default=None,
@@ -195,7 +218,8 @@ def _build(args: argparse.Namespace, vocab_size: int, train_len: int, device: to
         attn_window=attn_window,
         match_params=args.match_params,
         decay_max=args.decay_max,
-        selective_write=args.selective_write,
+        selective_write=args.selective_write or args.sparse_write,
+        sparse_write=args.sparse_write,
     )
     return model.to(device)
 
@@ -211,6 +235,7 @@ def _model_fields(args: argparse.Namespace, model: torch.nn.Module, device: torc
         "model_config": cfg.to_dict(),
         "device": str(device),
         "seed": args.seed,
+        "write_l1": args.write_l1,
     }
 
 
@@ -303,6 +328,7 @@ def _mqar(args: argparse.Namespace) -> int:
             args.seed,
             evaluate,
             max_seconds=args.max_minutes * 60 if args.max_minutes else None,
+            write_l1=args.write_l1,
         )
         evaluation = held_out[-1]
     except (ValueError, FloatingPointError, OSError) as e:
@@ -392,6 +418,7 @@ def _length_task(task: str) -> Callable[[argparse.Namespace], int]:
                 args.log_every,
                 args.seed,
                 max_seconds=args.max_minutes * 60 if args.max_minutes else None,
+                write_l1=args.write_l1,
             )
             evals = []
             for length in args.test_lens:

@@ -88,12 +88,13 @@ def build_task_model(
     match_params: bool = True,
     decay_max: float = 0.999,
     selective_write: bool = False,
+    sparse_write: bool = False,
 ) -> nn.Module:
     """An MM-Rec, or a Transformer of the same width and depth sized to MM-Rec's parameter count.
 
     ``max_seq_len`` is the gpt preset's learned position table (and recorded by
     the RoPE presets); ``attn_window`` is the mistral preset's sliding window.
-    ``decay_max`` and ``selective_write`` are MM-Rec's (see ``MMRecConfig``).
+    ``decay_max``, ``selective_write`` and ``sparse_write`` are MM-Rec's (see ``MMRecConfig``).
     When the smallest Transformer MLP is already larger than MM-Rec, the
     Transformer keeps its default MLP instead of failing.
     """
@@ -110,6 +111,7 @@ def build_task_model(
         decay_min=min(0.9, decay_max),
         decay_max=decay_max,
         selective_write=selective_write,
+        sparse_write=sparse_write,
     )
     if arch == "mmrec":
         return MMRecLM(mm_cfg)
@@ -470,6 +472,7 @@ def train_task(
     eval_batches: int = 8,
     log: Callable[[str], None] | None = print,
     max_seconds: float | None = None,
+    write_l1: float = 0.0,
 ) -> dict[str, Any]:
     """Train ``model`` on fresh batches from ``make_batch(batch_size, generator)``.
 
@@ -498,6 +501,8 @@ def train_task(
         raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
     if not (hasattr(model, "hidden_states") and hasattr(model, "lm_head")):
         raise TypeError(f"train_task needs a model with hidden_states and lm_head, got {type(model).__name__}")
+    if write_l1 < 0 or (write_l1 > 0 and not getattr(getattr(model, "config", None), "sparse_write", False)):
+        raise ValueError(f"write_l1 must be >= 0 and needs an MM-Rec with sparse_write, got {write_l1}")
     device = resolve_device(device)
     model.to(device).train()
     warmup = min(100, max(1, steps // 10)) if warmup_steps is None else warmup_steps
@@ -560,7 +565,10 @@ def train_task(
             with _autocast(device):
                 loss, correct = scored_forward(model, inputs, positions, picked)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if write_l1 > 0:  # the logged loss stays the task's
+                (loss + write_l1 * model.write_gate_mean()).backward()  # type: ignore[operator]
+            else:
+                loss.backward()
             if grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, grad_clip)
             opt.step()

@@ -23,7 +23,10 @@ class ShortTermMixer(nn.Module):
     With ``selective_write`` (Mamba-2's selection) the decay is computed from
     the convolved features, like q, k, v, and the write is ``(1 - g_t) k_t^T v_t``:
     the step size scales both the decay and the input, so a token whose gate
-    keeps the state (g near 1) adds almost nothing to it.
+    keeps the state (g near 1) adds almost nothing to it. ``sparse_write``
+    multiplies the step size by ``relu(W_s x + b_s)``: a token whose gate is
+    at or below zero leaves the state exactly as it was (g = 1, no write), so
+    a learned "ignore this token" holds at any length, not just approximately.
 
     The decay depends on the input only, never on the state, so the whole
     sequence is computed in parallel (chunked form) and exactly equals the
@@ -36,12 +39,15 @@ class ShortTermMixer(nn.Module):
         self.n_heads, self.head_dim = H, cfg.head_dim
         self.tau = cfg.decay_tau
         self.selective_write = cfg.selective_write
+        self.sparse_write = cfg.sparse_write
+        self.last_gate_mean: Tensor | None = None
         assert cfg.scan_chunk is not None
         self.chunk: int = cfg.scan_chunk
         self.scan_block = cfg.scan_block
         self.conv = CausalConv(d, cfg.conv_size) if cfg.conv_size > 0 else None
         self.qkv = nn.Linear(d, 3 * d, bias=False)
-        self.decay = nn.Linear(d, H)
+        # Sparse writes add a second output per head: the gate that can switch a token off.
+        self.decay = nn.Linear(d, 2 * H if self.sparse_write else H)
         self.out_gate = nn.Linear(d, d, bias=False)
         self.head_norm = nn.Parameter(torch.ones(d))
         self.out = nn.Linear(d, d, bias=False)
@@ -55,7 +61,21 @@ class ShortTermMixer(nn.Module):
 
     def reset_decay(self) -> None:
         with torch.no_grad():
-            self.decay.bias.copy_(self._decay_bias_init)
+            H = self.n_heads
+            self.decay.bias[:H].copy_(self._decay_bias_init)
+            if self.sparse_write:
+                self.decay.bias[H:].fill_(1.0)  # every token writes at first
+
+    def log_decay(self, gate_in: Tensor) -> Tensor:
+        """log g_t per head, [B, T, H] in float32, from the gate input [B, T, d]."""
+        z = self.decay(gate_in).float()
+        if not self.sparse_write:
+            return F.logsigmoid(z) / self.tau
+        z, s = z.split(self.n_heads, dim=-1)
+        gate = F.relu(s)
+        # Kept for a sparsity penalty on the gates (MMRecLM.write_gate_mean): training only.
+        self.last_gate_mean = gate.mean() if self.training else None
+        return F.logsigmoid(z) / self.tau * gate
 
     def forward(self, x: Tensor, S: Tensor, conv_tail: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x: [B, T, d]; S: [B, H, dk, dv]; conv_tail: [B, K-1, d]."""
@@ -71,7 +91,7 @@ class ShortTermMixer(nn.Module):
         # Selective: the decay sees the convolved features, as Mamba's step size does, so it can depend on
         # the previous tokens (e.g. write the token that follows a marker).
         gate_in = xc if self.selective_write else x
-        log_g = F.logsigmoid(self.decay(gate_in).float()).transpose(1, 2) / self.tau  # [B, H, T]
+        log_g = self.log_decay(gate_in).transpose(1, 2)  # [B, H, T]
         if self.selective_write:  # S_t = g_t S_{t-1} + (1 - g_t) k_t^T v_t
             k = k * (-torch.expm1(log_g)).unsqueeze(-1).to(k.dtype)
         if T == 1:

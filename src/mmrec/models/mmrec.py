@@ -93,6 +93,15 @@ class MMRecLM(nn.Module, GenerationMixin):
             block.short_term.reset_decay()
             block.memory.reset_gates()
 
+    def write_gate_mean(self) -> Tensor:
+        """Mean sparse-write gate relu(W_s x + b_s) of the last training forward, over layers, heads and
+        tokens (``sparse_write`` only): a penalty on it drives the gates of tokens that need not be written
+        to exactly zero."""
+        means = [blk.short_term.last_gate_mean for blk in self.layers]
+        if not self.config.sparse_write or any(m is None for m in means):
+            raise RuntimeError("write_gate_mean needs sparse_write and a forward pass in training mode")
+        return torch.stack([cast(Tensor, m) for m in means]).mean()
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

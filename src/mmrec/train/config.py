@@ -37,6 +37,16 @@ class TrainConfig(ConfigMixin):
         "writes scaled by 1 - decay).",
         default=False,
     )
+    sparse_write: bool = _doc(
+        "MM-Rec: with selective_write, a gate relu(W x + b) also scales each step, so a token whose gate is at or "
+        "below zero leaves the short-term state exactly unchanged.",
+        default=False,
+    )
+    write_l1: float = _doc(
+        "MM-Rec with sparse_write: weight of a penalty on the mean write gate, added to the loss; it switches "
+        "off the writes the task does not need (0 disables).",
+        default=0.0,
+    )
     window: int | None = _doc("Sliding attention window of the mistral preset.", default=None)
     match_params: bool = _doc(
         "Size a transformer's MLP to the parameter count of the MM-Rec with the same flags.", default=True
@@ -130,6 +140,14 @@ class TrainConfig(ConfigMixin):
             raise ConfigError(f"lr: must be > 0, got {self.lr}")
         if not (isinstance(self.decay_max, (int, float)) and 0 < self.decay_max < 1):
             raise ConfigError(f"decay_max: must be between 0 and 1 (exclusive), got {self.decay_max!r}")
+        if self.sparse_write and not self.selective_write:
+            raise ConfigError("sparse_write: needs selective_write (--selective-write --sparse-write)")
+        if not (isinstance(self.write_l1, (int, float)) and math.isfinite(self.write_l1) and self.write_l1 >= 0):
+            raise ConfigError(f"write_l1: must be a number >= 0, got {self.write_l1!r}")
+        if self.write_l1 > 0 and not (self.sparse_write and self.arch == "mmrec"):
+            raise ConfigError(
+                "write_l1: penalises MM-Rec's sparse-write gates, so it needs arch mmrec and sparse_write"
+            )
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"val_fraction: must be between 0 and 1 (exclusive), got {self.val_fraction}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):

@@ -19,7 +19,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -71,6 +71,7 @@ RESUME_MUST_MATCH = (
     "summary_window",
     "decay_max",
     "selective_write",
+    "sparse_write",
     "window",
     "match_params",
     "seq_len",
@@ -101,6 +102,7 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> nn.Module:
         decay_min=min(0.9, cfg.decay_max),
         decay_max=cfg.decay_max,
         selective_write=cfg.selective_write,
+        sparse_write=cfg.sparse_write,
     )
     if cfg.arch == "mmrec":
         return MMRecLM(mm_cfg)
@@ -368,6 +370,12 @@ class Trainer:
             out = self.model(inputs, state=state, targets=targets)
         return out.loss, out.state
 
+    def write_penalty(self) -> torch.Tensor | None:
+        """The sparse-write penalty of the last forward (``write_l1`` x mean gate), or None when off."""
+        if self.cfg.write_l1 <= 0:
+            return None
+        return self.cfg.write_l1 * cast(MMRecLM, unwrap(self.model)).write_gate_mean()
+
     def _train_step(self) -> dict[str, Any]:
         cfg = self.cfg
         self._set_stage()
@@ -385,7 +393,8 @@ class Trainer:
             ctx = self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
             with ctx:
                 loss, state = self.forward_loss(inputs, targets, self.states[micro] if cfg.carry_state else None)
-                (loss / accum).backward()
+                penalty = self.write_penalty()  # not part of the logged loss
+                ((loss if penalty is None else loss + penalty) / accum).backward()
             new_states.append(state.detach() if cfg.carry_state else None)
             value = float(loss.detach())
             finite = finite and math.isfinite(value)
