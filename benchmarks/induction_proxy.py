@@ -1,6 +1,6 @@
 """Induction heads trained short and tested long, on a CPU: which MM-Rec variants carry recall further.
 
-    python benchmarks/induction_proxy.py --out runs/induction_proxy.json        # 5 variants x 1 seed, ~8 min
+    python benchmarks/induction_proxy.py --out runs/induction_proxy.json        # 9 variants x 1 seed, ~14 min
     python benchmarks/induction_proxy.py --steps 20 --test-lens 64 256          # a smoke run
 
 A small stand-in for issue 5's induction goal (trained at 256 tokens, perfect
@@ -11,8 +11,10 @@ streamed. Each variant trains a fresh model from the same seed on the same
 batches. For every trained model it also reports what the short-term decays
 learned: ``1 - g`` of the slowest head of layer 0 at ordinary tokens and at the
 token after the trigger (the one whose write matters) - their ratio is how
-selective the writes became - and the accuracy with the long-term memory's
-read output zeroed (does the memory take part?).
+selective the writes became -, the share of (token, head) pairs per layer that
+leave the state exactly unchanged (sparse writes), and the accuracy with the
+long-term memory's read output zeroed (does the memory take part?). Variants
+named ``l1 W`` train with the penalty ``write_l1 = W`` on the sparse-write gates.
 
 Prints a markdown table and writes every variant's numbers to a JSON file.
 """
