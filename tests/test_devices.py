@@ -16,9 +16,26 @@ DEVICES = [pytest.param("cpu")] + [
 ]
 
 
-def tiny_mmrec(device: str) -> MMRecLM:
-    cfg = MMRecConfig(vocab_size=256, d_model=64, n_layers=3, n_heads=4, chunk_size=16, mem_slots=8, summary_window=4)
-    return MMRecLM(cfg).to(device).eval()
+def tiny_mmrec(device: str, sparse: bool = False) -> MMRecLM:
+    """With ``sparse``: selective, sparse writes, input-dependent decays and about half the write gates off."""
+    cfg = MMRecConfig(
+        vocab_size=256,
+        d_model=64,
+        n_layers=3,
+        n_heads=4,
+        chunk_size=16,
+        mem_slots=8,
+        summary_window=4,
+        selective_write=sparse,
+        sparse_write=sparse,
+    )
+    model = MMRecLM(cfg)
+    if sparse:
+        with torch.no_grad():
+            for block in model.layers:
+                block.short_term.decay.weight.normal_(0, 0.5)
+                block.short_term.decay.bias[cfg.n_heads :].zero_()
+    return model.to(device).eval()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -38,8 +55,9 @@ def test_gla_chunked_float32_and_bf16(device, T):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_model_streaming_and_causality(device):
-    model = tiny_mmrec(device)
+@pytest.mark.parametrize("sparse", [False, True])
+def test_model_streaming_and_causality(device, sparse):
+    model = tiny_mmrec(device, sparse)
     ids = torch.randint(0, 256, (2, 100), device=device)
     full = model(ids)
     a = model(ids[:, :37])
@@ -57,8 +75,9 @@ def test_model_streaming_and_causality(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_device_matches_cpu_float64(device):
-    model = tiny_mmrec("cpu").double()
+@pytest.mark.parametrize("sparse", [False, True])
+def test_device_matches_cpu_float64(device, sparse):
+    model = tiny_mmrec("cpu", sparse).double()
     ids = torch.randint(0, 256, (1, 90))
     ref = model(ids).logits
     got = model.float().to(device)(ids.to(device)).logits.cpu()
