@@ -229,6 +229,19 @@ def test_mmrec_options_reach_the_model():
     assert build_model(sparse, 257).config.sparse_write is True
 
 
+def test_carry_windows_bounds_the_age_of_a_carried_state(corpus, tmp_path):
+    assert TrainConfig().carry_windows == 0
+    assert TrainConfig(selective_write=True, sparse_write=True).carry_windows == 8  # sparse heads can keep a state
+    with pytest.raises(ConfigError, match="carry_windows"):
+        TrainConfig(carry_windows=-1)
+    ages = {}
+    for windows in (0, 2, 3):
+        trainer = Trainer(tiny_config(corpus, tmp_path / str(windows), max_steps=4, carry_windows=windows))
+        trainer.fit()
+        ages[windows] = [st is None for st in trainer.states]
+    assert ages == {0: [False], 2: [True], 3: [False]}  # reset after steps 2 and 4 / after step 3 only
+
+
 def test_write_penalty_trains_and_is_not_in_the_logged_loss(corpus, tmp_path):
     """write_l1 adds a penalty on the sparse-write gates to the backward pass only; with write_l1 = 0 the
     same run takes exactly the same steps."""

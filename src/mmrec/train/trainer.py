@@ -431,6 +431,8 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens += int(n_tok)
+        if cfg.carry_windows and self.step % cfg.carry_windows == 0:
+            self.states = [None] * accum  # bounded state age: every stream starts afresh (see carry_windows)
         return {
             "step": self.step,
             "tokens": self.tokens,
