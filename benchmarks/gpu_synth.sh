@@ -68,12 +68,12 @@ pk_eval="--lengths ${PK_LENS:-1024 4096 16384 65536 262144 1048576} --trials ${P
 passkey_job() {  # name, train seconds, then train flags
   local name=$1 secs=$2; shift 2
   timeout "$secs" python -m mmrec train $pk_train "$@" --out "$runs/$name" > "$runs/$name.log" 2>&1
-  timeout "${PK_EVAL_S:-130}" python -m mmrec eval passkey --checkpoint "$runs/$name" $pk_eval \
+  timeout "${PK_EVAL_S:-180}" python -m mmrec eval passkey --checkpoint "$runs/$name" $pk_eval \
     --out "$runs/${name}_eval" >> "$runs/$name.log" 2>&1
 }
 if [[ $jobs == *" passkey "* ]]; then
   python -m mmrec synth passkey-data --out "$runs/passkey.jsonl" --n 6000 --min-len 128 --max-len 2048
-  pk_s=$(python -c "print(int(float('$M') * 60))")
+  pk_s=$(python -c "print(int(float('$M') * 60 - 60))")  # the grid then gets up to PK_EVAL_S (LLaMA at 1M: ~26 s per depth)
   passkey_job passkey_mmrec "$pk_s" --max-steps "${PK_STEPS_MMREC:-1500}" ${PK_MMREC_FLAGS---selective-write --sparse-write --write-l1 0.01} &
   passkey_job passkey_llama "$pk_s" --max-steps "${PK_STEPS_LLAMA:-1800}" --arch transformer --preset llama &
 fi
