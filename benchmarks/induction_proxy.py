@@ -46,6 +46,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "sparse_write, decay_max 1-1e-5": {"selective_write": True, "sparse_write": True, "decay_max": 0.99999},
     "sparse_write, l1 0.01": {"selective_write": True, "sparse_write": True, "write_l1": 0.01},
     "sparse_write, l1 0.1": {"selective_write": True, "sparse_write": True, "write_l1": 0.1},
+    "sparse_write, l1 0.1, warmup 400": {
+        "selective_write": True,
+        "sparse_write": True,
+        "write_l1": 0.1,
+        "write_l1_warmup": 400,
+    },
 }
 
 
@@ -102,7 +108,7 @@ def accuracy(model: torch.nn.Module, length: int, batches: int, batch_size: int)
 
 def run_variant(name: str, options: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(args.seed)
-    model_options = {k: v for k, v in options.items() if k != "write_l1"}
+    model_options = {k: v for k, v in options.items() if not k.startswith("write_l1")}
     model = build_task_model("mmrec", VOCAB, 64, 2, 2, **model_options)
     assert isinstance(model, MMRecLM)
     t0 = time.perf_counter()
@@ -117,6 +123,7 @@ def run_variant(name: str, options: dict[str, Any], args: argparse.Namespace) ->
         eval_fn=lambda m: 0.0,
         log=None,
         write_l1=options.get("write_l1", 0.0),
+        write_l1_warmup=options.get("write_l1_warmup", 0),
     )
     seconds = time.perf_counter() - t0
     model.eval()

@@ -21,6 +21,7 @@ from mmrec.evals.task_train import (
     state_floats,
     train_task,
 )
+from mmrec.train.schedule import penalty_ramp
 
 
 @pytest.fixture(autouse=True)
@@ -367,18 +368,24 @@ def test_write_penalty_switches_sparse_writes_off() -> None:
     assert gate[1.0] < 0.1 * gate[0.0]
     with pytest.raises(ValueError, match="sparse_write"):
         train_task(build_task_model("mmrec", 16, 32, 2, 2), make_batch, 1, 2, 1e-3, "cpu", log=None, write_l1=0.1)
+    sparse = build_task_model("mmrec", 16, 32, 2, 2, selective_write=True, sparse_write=True)
+    with pytest.raises(ValueError, match="write_l1_warmup"):
+        train_task(sparse, make_batch, 1, 2, 1e-3, "cpu", log=None, write_l1=0.1, write_l1_warmup=-1)
+    assert [penalty_ramp(step, 4) for step in (0, 1, 3, 9)] == [0.25, 0.5, 1.0, 1.0]
+    assert penalty_ramp(0, 0) == 1.0
 
 
 def test_cli_induction_streams_long_and_skips_what_cannot_run(tmp_path) -> None:  # noqa: ANN001
     common = ["--train-len", "32", "--test-lens", "32", "300", "--steps", "3", "--batch-size", "4"]
     common += ["--test-batches", "1", "--window", "64", "--device", "cpu"]
     out = tmp_path / "ind"
-    mm_options = ["--sparse-write", "--write-l1", "0.01", "--decay-max", "0.9999"]  # sparse implies selective
+    mm_options = ["--sparse-write", "--write-l1", "0.01", "--write-l1-warmup", "2", "--decay-max", "0.9999"]
     args = parser().parse_args(["synth", "induction", *TINY_MODEL, *common, *mm_options, "--out", str(out)])
     assert args.func(args) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["model_config"]["selective_write"] is True and results["model_config"]["decay_max"] == 0.9999
-    assert results["model_config"]["sparse_write"] is True and results["write_l1"] == 0.01
+    assert results["model_config"]["sparse_write"] is True  # and --sparse-write implied --selective-write
+    assert results["write_l1"] == 0.01 and results["write_l1_warmup"] == 2
     assert set(results["accuracy"]) == {"32", "300"}
     assert results["per_length"]["300"]["mode"] == "recurrent"
     assert (out / "accuracy.png").exists() and "| 300 |" in (out / "results.md").read_text()

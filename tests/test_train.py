@@ -216,6 +216,8 @@ def test_bad_input_fails_before_any_work(corpus, tmp_path):
         tiny_config(corpus, tmp_path, write_l1=0.1)
     with pytest.raises(ConfigError, match="write_l1"):
         tiny_config(corpus, tmp_path, write_l1=-1.0, selective_write=True, sparse_write=True)
+    with pytest.raises(ConfigError, match="write_l1_warmup"):
+        tiny_config(corpus, tmp_path, write_l1_warmup=-5)
 
 
 def test_mmrec_options_reach_the_model():

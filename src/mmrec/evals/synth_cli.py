@@ -173,6 +173,12 @@ def _add_model_args(p: argparse.ArgumentParser, d_model: int) -> None:
         "writes the task does not need (default: 0)",
     )
     p.add_argument(
+        "--write-l1-warmup",
+        type=nonneg_int,
+        default=0,
+        help="steps over which the --write-l1 penalty rises from 0 to its weight (default: 0, full from the start)",
+    )
+    p.add_argument(
         "--attn-window",
         type=positive_int,
         default=None,
@@ -236,6 +242,7 @@ def _model_fields(args: argparse.Namespace, model: torch.nn.Module, device: torc
         "device": str(device),
         "seed": args.seed,
         "write_l1": args.write_l1,
+        "write_l1_warmup": args.write_l1_warmup,
     }
 
 
@@ -329,6 +336,7 @@ def _mqar(args: argparse.Namespace) -> int:
             evaluate,
             max_seconds=args.max_minutes * 60 if args.max_minutes else None,
             write_l1=args.write_l1,
+            write_l1_warmup=args.write_l1_warmup,
         )
         evaluation = held_out[-1]
     except (ValueError, FloatingPointError, OSError) as e:
@@ -419,6 +427,7 @@ def _length_task(task: str) -> Callable[[argparse.Namespace], int]:
                 args.seed,
                 max_seconds=args.max_minutes * 60 if args.max_minutes else None,
                 write_l1=args.write_l1,
+                write_l1_warmup=args.write_l1_warmup,
             )
             evals = []
             for length in args.test_lens:

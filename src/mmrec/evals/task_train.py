@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from mmrec.config import MMRecConfig, TransformerConfig
 from mmrec.evals.synthetic import IGNORE, score
 from mmrec.models import KVCache, LMOutput, MMRecLM, TransformerLM, matched_transformer_config
+from mmrec.train.schedule import penalty_ramp
 
 GIB = 2**30
 DEFAULT_MAX_MEMORY_BYTES = 8 * GIB
@@ -473,6 +474,7 @@ def train_task(
     log: Callable[[str], None] | None = print,
     max_seconds: float | None = None,
     write_l1: float = 0.0,
+    write_l1_warmup: int = 0,
 ) -> dict[str, Any]:
     """Train ``model`` on fresh batches from ``make_batch(batch_size, generator)``.
 
@@ -503,6 +505,8 @@ def train_task(
         raise TypeError(f"train_task needs a model with hidden_states and lm_head, got {type(model).__name__}")
     if write_l1 < 0 or (write_l1 > 0 and not getattr(getattr(model, "config", None), "sparse_write", False)):
         raise ValueError(f"write_l1 must be >= 0 and needs an MM-Rec with sparse_write, got {write_l1}")
+    if write_l1_warmup < 0:
+        raise ValueError(f"write_l1_warmup must be >= 0, got {write_l1_warmup}")
     device = resolve_device(device)
     model.to(device).train()
     warmup = min(100, max(1, steps // 10)) if warmup_steps is None else warmup_steps
@@ -566,7 +570,8 @@ def train_task(
                 loss, correct = scored_forward(model, inputs, positions, picked)
             opt.zero_grad(set_to_none=True)
             if write_l1 > 0:  # the logged loss stays the task's
-                (loss + write_l1 * model.write_gate_mean()).backward()  # type: ignore[operator]
+                weight = write_l1 * penalty_ramp(step, write_l1_warmup)
+                (loss + weight * model.write_gate_mean()).backward()  # type: ignore[operator]
             else:
                 loss.backward()
             if grad_clip > 0:

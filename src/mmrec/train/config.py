@@ -47,6 +47,10 @@ class TrainConfig(ConfigMixin):
         "off the writes the task does not need (0 disables).",
         default=0.0,
     )
+    write_l1_warmup: int = _doc(
+        "Steps over which the write_l1 penalty rises linearly from 0 to its weight (0: full from the start).",
+        default=0,
+    )
     window: int | None = _doc("Sliding attention window of the mistral preset.", default=None)
     match_params: bool = _doc(
         "Size a transformer's MLP to the parameter count of the MM-Rec with the same flags.", default=True
@@ -151,6 +155,8 @@ class TrainConfig(ConfigMixin):
             raise ConfigError("sparse_write: needs selective_write (--selective-write --sparse-write)")
         if not (isinstance(self.write_l1, (int, float)) and math.isfinite(self.write_l1) and self.write_l1 >= 0):
             raise ConfigError(f"write_l1: must be a number >= 0, got {self.write_l1!r}")
+        if not (isinstance(self.write_l1_warmup, int) and self.write_l1_warmup >= 0):
+            raise ConfigError(f"write_l1_warmup: must be an integer >= 0, got {self.write_l1_warmup!r}")
         if self.write_l1 > 0 and not (self.sparse_write and self.arch == "mmrec"):
             raise ConfigError(
                 "write_l1: penalises MM-Rec's sparse-write gates, so it needs arch mmrec and sparse_write"

@@ -111,3 +111,9 @@ class Curriculum:
     @property
     def max_seq_len(self) -> int:
         return max(length for _, length in self.lengths)
+
+
+def penalty_ramp(step: int, warmup: int) -> float:
+    """Share of the write penalty applied at ``step`` (0-based): rises linearly to 1 over ``warmup`` steps,
+    so the writes a task needs can be learned before the penalty switches the others off."""
+    return 1.0 if warmup <= 0 else min(1.0, (step + 1) / warmup)

@@ -49,7 +49,7 @@ from mmrec.train.distributed import (
     wrap_model,
 )
 from mmrec.train.metrics import MetricsWriter
-from mmrec.train.schedule import Curriculum
+from mmrec.train.schedule import Curriculum, penalty_ramp
 from mmrec.utils.cpu import tune_glibc_malloc
 from mmrec.utils.fmt import human_time
 
@@ -374,7 +374,8 @@ class Trainer:
         """The sparse-write penalty of the last forward (``write_l1`` x mean gate), or None when off."""
         if self.cfg.write_l1 <= 0:
             return None
-        return self.cfg.write_l1 * cast(MMRecLM, unwrap(self.model)).write_gate_mean()
+        weight = self.cfg.write_l1 * penalty_ramp(self.step, self.cfg.write_l1_warmup)
+        return weight * cast(MMRecLM, unwrap(self.model)).write_gate_mean()
 
     def _train_step(self) -> dict[str, Any]:
         cfg = self.cfg
