@@ -234,6 +234,7 @@ def test_mmrec_options_reach_the_model():
 def test_carry_windows_bounds_the_age_of_a_carried_state(corpus, tmp_path):
     assert TrainConfig().carry_windows == 0
     assert TrainConfig(selective_write=True, sparse_write=True).carry_windows == 8  # sparse heads can keep a state
+    assert TrainConfig(selective_write=True).carry_windows == 8
     with pytest.raises(ConfigError, match="carry_windows"):
         TrainConfig(carry_windows=-1)
     ages = {}

@@ -85,7 +85,8 @@ class TrainConfig(ConfigMixin):
         "With carry_state: carry the state across at most this many consecutive windows, then start every "
         "stream from a fresh state (0: no limit). A state that is never reset holds writes made by parameters "
         "of long-gone steps, and a model whose heads can keep a state forever (sparse_write: decay exactly 1) "
-        "learns to depend on it and fails from a fresh state. Default: 8 with sparse_write, else 0.",
+        "learns to depend on it and fails from a fresh state. Default: 8 with selective_write (and so with "
+        "sparse_write), else 0.",
         default=None,
     )
     # Evaluation, logging, checkpoints
@@ -176,7 +177,7 @@ class TrainConfig(ConfigMixin):
         if self.carry_state and self.arch != "mmrec":
             raise ConfigError("carry_state: only mmrec carries a fixed-size state between windows")
         if self.carry_windows is None:
-            self.carry_windows = 8 if self.sparse_write else 0
+            self.carry_windows = 8 if self.selective_write else 0
         if not (isinstance(self.carry_windows, int) and self.carry_windows >= 0):
             raise ConfigError(f"carry_windows: must be an integer >= 0, got {self.carry_windows!r}")
 
