@@ -18,9 +18,11 @@ from mmrec.evals.passkey import (
     FILLER_SENTENCES,
     evaluate_passkey,
     make_passkey_prompt,
+    passkey_batch,
     passkey_documents,
     passkey_prompt,
 )
+from mmrec.evals.synthetic import IGNORE
 from mmrec.evals.task_train import build_task_model
 from mmrec.tokenizer import ByteTokenizer
 
@@ -185,3 +187,112 @@ def test_cli_eval_passkey_errors(checkpoint: Path, tmp_path: Path, capsys: pytes
     for bad in (["--depths", "1.5"], ["--trials", "0"], ["--lengths", "10"], ["--max-memory-gb", "-1"]):
         with pytest.raises(SystemExit):
             parser.parse_args(["eval", "passkey", "--checkpoint", "x", "--out", "y", *bad])
+
+
+# Training batches and `mmrec synth passkey` ----------------------------------
+
+
+@pytest.mark.parametrize("seq_len", [131, 300])
+def test_passkey_batch_scores_the_key_only(seq_len: int) -> None:
+    g = torch.Generator().manual_seed(3)
+    inputs, targets = passkey_batch(TOK, 6, seq_len, g)
+    assert inputs.shape == targets.shape == (6, seq_len)
+    again = passkey_batch(TOK, 6, seq_len, torch.Generator().manual_seed(3))
+    assert torch.equal(inputs, again[0]) and torch.equal(targets, again[1])
+    keys = set()
+    for row, target in zip(inputs.tolist(), targets.tolist(), strict=True):
+        text = TOK.decode(row)
+        key = re.search(r"The pass key is (\d{5})\. Remember it\. \1 is the pass key\.", text).group(1)
+        keys.add(key)
+        assert text.count(key) == 2  # twice in the needle; the answer lacks its last digit, which is a target
+        assert text.endswith(f"What is the pass key? The pass key is {key[:-1]}")
+        scored = [t for t, y in enumerate(target) if y != IGNORE]
+        # Answer (a space and 5 digits) plus the key's repeat inside the needle: 11 positions, all digits but one.
+        assert len(scored) == 11
+        assert TOK.decode([target[t] for t in scored]) == key + " " + key
+        # Next-token layout: every scored target is the input that follows, except the answer's last digit.
+        assert all(row[t + 1] == target[t] for t in scored[:-1]) and scored[-1] == seq_len - 1
+        second = text.index(f"Remember it. {key}") + len("Remember it. ")
+        assert scored[:5] == list(range(second - 1, second + 4))
+    assert len(keys) == 6
+    _, answer_only = passkey_batch(TOK, 6, seq_len, torch.Generator().manual_seed(3), score_repeat=False)
+    assert ((answer_only != IGNORE).sum(dim=1) == 6).all()
+    with pytest.raises(ValueError, match="seq_len must be >= "):
+        passkey_batch(TOK, 2, 90, g)
+
+
+def test_passkey_batch_bpe_rows_have_equal_length() -> None:
+    from mmrec.tokenizer import train_bpe
+
+    bpe = train_bpe([" ".join(FILLER_SENTENCES) * 20, "The pass key is 12345. Remember it. What is the pass key?"], 300)
+    inputs, targets = passkey_batch(bpe, 8, 200, torch.Generator().manual_seed(0))
+    assert inputs.shape == (8, 200)
+    for row, target in zip(inputs.tolist(), targets.tolist(), strict=True):
+        key = re.search(r"The pass key is (\d{5})", bpe.decode(row)).group(1)
+        assert bpe.decode([y for y in target if y != IGNORE]).replace(" ", "") == key * 2
+
+
+def synth_parser() -> argparse.ArgumentParser:
+    p = eval_parser()
+    synth_cli.add_synth_parser(p._subparsers._group_actions[0])  # type: ignore[union-attr]
+    return p
+
+
+def test_cli_synth_passkey_trains_grades_and_reloads(tmp_path: Path) -> None:
+    out = tmp_path / "sp"
+    grid = ["--lengths", "128", "400", "--depths", "0", "1", "--trials", "2", "--window", "96", "--device", "cpu"]
+    args = synth_parser().parse_args(
+        ["synth", "passkey", "--d-model", "16", "--steps", "3", "--batch-size", "4", "--train-len", "110", "140"]
+        + ["--sparse-write", "--write-l1", "0.01", "--out", str(out), *grid]
+    )
+    assert args.func(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["task"] == "passkey" and results["train_len"] == [110, 140] and results["steps"] == 3
+    assert len(results["cells"]) == 4 and results["trained_len"] == 140 and results["arch"] == "mmrec"
+    assert all(c["digit_logprob"] <= 0.0 for c in results["cells"]) and len(results["loss_history"]) == 3
+    assert (out / "heatmap.png").stat().st_size > 0 and "Exact match" in (out / "results.md").read_text()
+    # The saved folder is a checkpoint for `mmrec eval passkey`: the same seed reproduces the grid exactly.
+    ev = tmp_path / "ev"
+    args = synth_parser().parse_args(["eval", "passkey", "--checkpoint", str(out), "--out", str(ev), *grid])
+    assert args.func(args) == 0
+    again = json.loads((ev / "results.json").read_text())
+    assert again["trained_len"] == 140
+    for a, b in zip(results["cells"], again["cells"], strict=True):
+        assert a["answers"] == b["answers"] and a["digit_logprob"] == b["digit_logprob"]
+
+
+def test_cli_synth_passkey_transformer_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    parser = synth_parser()
+    out = tmp_path / "llama"
+    args = parser.parse_args(
+        ["synth", "passkey", "--arch", "llama", "--d-model", "16", "--steps", "2", "--batch-size", "2"]
+        + ["--train-len", "120", "--lengths", "100", "300", "--depths", "0.5", "--trials", "2", "--out", str(out)]
+    )
+    assert args.func(args) == 0
+    cells = json.loads((out / "results.json").read_text())["cells"]
+    assert [c["mode"] for c in cells] == ["full", "sliding"]
+    ev = ["eval", "passkey", "--checkpoint", str(out), "--lengths", "120", "--out", str(tmp_path / "e")]
+    args = parser.parse_args(ev)
+    assert args.func(args) == 0
+    for bad, message in (
+        (["--train-len", "300", "200"], "MIN must not exceed MAX"),
+        (["--train-len", "100", "200", "300"], "one length or MIN MAX"),
+        (["--train-len", "80"], "seq_len must be >= "),
+        (["--lengths", "70"], "--lengths 70: a prompt needs at least"),
+        (["--write-l1", "0.1"], "needs an MM-Rec with sparse_write: add --sparse-write"),
+    ):
+        bad_out = tmp_path / "bad"
+        args = parser.parse_args(["synth", "passkey", "--steps", "1", "--out", str(bad_out), *bad])
+        assert args.func(args) == 1
+        assert message in capsys.readouterr().err
+        assert not bad_out.exists()
+    # A folder of another synthetic task is not a passkey checkpoint.
+    other = tmp_path / "mqar"
+    other.mkdir()
+    (other / "results.json").write_text(json.dumps({"task": "mqar"}))
+    args = parser.parse_args(["eval", "passkey", "--checkpoint", str(other), "--out", str(tmp_path / "e2")])
+    assert args.func(args) == 1
+    assert "not of `mmrec synth passkey`" in capsys.readouterr().err
+    (other / "results.json").write_text(json.dumps({"task": "passkey", "arch": "mmrec", "model_config": {}}))
+    assert args.func(args) == 1
+    assert "is not a complete `mmrec synth passkey` output" in capsys.readouterr().err

@@ -193,6 +193,17 @@ def min_prompt_tokens(tokenizer: Any) -> int:
     return fixed + max(len(tokenizer.encode(NEEDLE_TEMPLATE.format(key=k))) for k in keys) + 2
 
 
+def check_prompt_lengths(tokenizer: Any, lengths: Sequence[int]) -> None:
+    """ValueError naming the prompt lengths too short to hold the pass key line and the question."""
+    shortest = min_prompt_tokens(tokenizer)
+    too_short = [n for n in lengths if n < shortest]
+    if too_short:
+        raise ValueError(
+            f"--lengths {', '.join(map(str, too_short))}: a prompt needs at least {shortest} tokens with this "
+            "tokenizer (the pass key line and the question)"
+        )
+
+
 def make_passkey_prompt(
     tokenizer: Any, n_tokens: int, depth: float, key: str, filler_seed: int | None = None
 ) -> tuple[list[int], list[int]]:
@@ -236,6 +247,62 @@ def passkey_documents(tokenizer: Any, n: int, min_len: int, max_len: int, seed: 
         prompt = passkey_prompt(tokenizer, length, depth, key, filler_seed=int(rng.integers(2**31)))
         text = tokenizer.decode(prompt.ids() + prompt.answer_ids) + "."
         yield {"text": text, "key": key, "depth": round(depth, 4), "tokens": length}
+
+
+def passkey_batch(
+    tokenizer: Any,
+    batch: int,
+    seq_len: int,
+    generator: torch.Generator,
+    *,
+    score_repeat: bool = True,
+    vary_filler: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """A training batch of passkey prompts, answer appended, scored at the key only.
+
+    Each row is one prompt of the evaluation's layout (random 5-digit key,
+    depth uniform in [0, 1], its own filler order unless ``vary_filler`` is
+    off) followed by the answer but its last token, ``seq_len`` tokens in
+    all. ``targets`` (next-token layout, ``IGNORE`` elsewhere) hold the
+    answer at the positions that predict it and, with ``score_repeat``, the
+    key's second occurrence inside the needle ("... {key} is the pass key."),
+    which only a model that copies the first occurrence can predict: a short
+    copy the model learns first, then the long one. The filler and the
+    question are never scored, so every gradient is about retrieval (in a
+    language-model mix, the key's ~10 digits are drowned by hundreds of
+    filler tokens; see docs/benchmarks.md). A pure function of ``generator``.
+    """
+    from mmrec.evals.synthetic import IGNORE
+
+    if not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch!r}")
+    shortest = min_prompt_tokens(tokenizer) + len(tokenizer.encode(ANSWER_TEMPLATE.format(key="99999")))
+    if not isinstance(seq_len, int) or seq_len < shortest:
+        raise ValueError(
+            f"seq_len must be >= {shortest} tokens (the pass key line, the question and the answer), got {seq_len!r}"
+        )
+    rows, targets = [], []
+    for _ in range(batch):
+        key = str(int(torch.randint(10 ** (KEY_DIGITS - 1), 10**KEY_DIGITS, (1,), generator=generator)))
+        depth = float(torch.rand((), generator=generator))
+        filler_seed = int(torch.randint(2**31, (1,), generator=generator))
+        answer = list(tokenizer.encode(ANSWER_TEMPLATE.format(key=key)))
+        prompt = passkey_prompt(tokenizer, seq_len - len(answer) + 1, depth, key, filler_seed if vary_filler else None)
+        ids = prompt.ids() + answer[:-1]
+        target = [IGNORE] * seq_len
+        n = prompt.n_tokens
+        target[n - 1 : n - 1 + len(answer)] = answer
+        if score_repeat:
+            # Every digit token of the needle after the first run of digits: the key's second occurrence.
+            needle = prompt.needle_ids
+            digits = [any(ch.isdigit() for ch in tokenizer.decode([t])) for t in needle]
+            first_end = next(i for i in range(len(needle)) if digits[i] and not digits[i + 1]) + 1
+            for i in range(first_end, len(needle)):
+                if digits[i]:
+                    target[prompt.needle_start + i - 1] = needle[i]
+        rows.append(ids)
+        targets.append(target)
+    return torch.tensor(rows, dtype=torch.long), torch.tensor(targets, dtype=torch.long)
 
 
 def write_passkey_documents(path: str | Path, docs: Iterator[dict[str, Any]]) -> int:
@@ -364,13 +431,7 @@ def evaluate_passkey(
         raise ValueError("give at least one length and one depth")
     if window < 1:
         raise ValueError(f"--window must be >= 1 token, got {window}")
-    shortest = min_prompt_tokens(tokenizer)
-    too_short = [n for n in lengths if n < shortest]
-    if too_short:
-        raise ValueError(
-            f"--lengths {', '.join(map(str, too_short))}: a prompt needs at least {shortest} tokens with this "
-            "tokenizer (the pass key line and the question)"
-        )
+    check_prompt_lengths(tokenizer, lengths)
     device = resolve_device(device)
     was_training = model.training
     model.eval()

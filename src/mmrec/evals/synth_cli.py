@@ -21,6 +21,7 @@ import torch
 from mmrec.evals import passkey as pk
 from mmrec.evals import synthetic as syn
 from mmrec.evals import task_train as tt
+from mmrec.models import MMRecLM
 
 GIB = 2**30
 
@@ -208,6 +209,9 @@ def _add_train_args(p: argparse.ArgumentParser, steps: int, batch: int, lr: floa
 
 
 def _build(args: argparse.Namespace, vocab_size: int, train_len: int, device: torch.device) -> torch.nn.Module:
+    if args.write_l1 > 0 and not (args.arch == "mmrec" and args.sparse_write):
+        # Checked here, before the output folder exists; train_task would refuse it only after.
+        raise ValueError(f"--write-l1 {args.write_l1:g} needs an MM-Rec with sparse_write: add --sparse-write")
     attn_window = args.attn_window
     if args.arch == "mistral" and attn_window is None:
         attn_window = max(1, train_len // 4)
@@ -545,7 +549,139 @@ def _passkey_data(args: argparse.Namespace) -> int:
     return 0
 
 
+# mmrec synth passkey ------------------------------------------------------
+
+
+def _train_range(values: list[int]) -> tuple[int, int]:
+    if len(values) > 2:
+        raise ValueError(f"--train-len takes one length or MIN MAX, got {len(values)} values")
+    lo, hi = values[0], values[-1]
+    if lo > hi:
+        raise ValueError(f"--train-len {lo} {hi}: MIN must not exceed MAX")
+    return lo, hi
+
+
+def _synth_passkey(args: argparse.Namespace) -> int:
+    from mmrec.tokenizer import load_tokenizer
+
+    try:
+        device = _setup(args)
+        tokenizer = load_tokenizer(args.tokenizer)
+        lo, hi = _train_range(args.train_len)
+        span = f"{lo}" if lo == hi else f"{lo}-{hi}"
+
+        def make_batch(b: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+            # One length per batch, uniform in [lo, hi]: every row of a batch is a prompt of the same length.
+            length = lo if lo == hi else int(torch.randint(lo, hi + 1, (1,), generator=g))
+            return pk.passkey_batch(tokenizer, b, length, g, score_repeat=args.score_repeat)
+
+        pk.passkey_batch(tokenizer, 1, lo, torch.Generator().manual_seed(0))  # bad lengths fail before training
+        pk.check_prompt_lengths(tokenizer, args.lengths)
+        model = _build(args, tokenizer.vocab_size, hi, device)
+        out = _make_out(args)
+        fields = _model_fields(args, model, device)
+        print(
+            f"passkey: {args.arch}, {fields['params']:,} parameters; training {args.steps} steps of "
+            f"{args.batch_size} prompts of {span} tokens on {device}, scored at the key only",
+            flush=True,
+        )
+        trained = tt.train_task(
+            model,
+            make_batch,
+            args.steps,
+            args.batch_size,
+            args.lr,
+            device,
+            args.log_every,
+            args.seed,
+            max_seconds=args.max_minutes * 60 if args.max_minutes else None,
+            write_l1=args.write_l1,
+            write_l1_warmup=args.write_l1_warmup,
+        )
+        print(f"held-out digit accuracy at {span} tokens: {trained['accuracy']:.3f}", flush=True)
+        # The model and tokenizer are saved before the grid, so a long grid that is cut short loses no training;
+        # `mmrec eval passkey --checkpoint OUT` grades them again at any length.
+        _save_model(out, model)
+        tokenizer.save(out / "tokenizer.json")
+        base = {
+            "task": "passkey",
+            **fields,
+            "tokenizer": args.tokenizer,
+            "train_len": [lo, hi],
+            "score_repeat": args.score_repeat,
+            "steps": trained["steps"],
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "train_seconds": round(trained["train_seconds"], 3),
+            "train_accuracy": trained["accuracy"],
+            "loss_history": trained["history"],
+        }
+        _write(out, base, "Training finished; the passkey grid is still running or was interrupted.\n")
+        grid = pk.evaluate_passkey(
+            model,
+            tokenizer,
+            args.lengths,
+            args.depths,
+            args.trials,
+            device,
+            int(args.max_memory_gb * GIB),
+            args.window,
+            trained_len=hi,
+            beyond=args.transformer_context,
+            seed=args.seed,  # the keys of `mmrec eval passkey --seed` with the same seed: it reproduces this grid
+            filler_seed=args.seed if args.vary_filler else None,
+        )
+    except (ValueError, FloatingPointError, OSError) as e:
+        return _fail(args, e)
+    results = {**base, **{k: v for k, v in grid.items() if k != "arch"}}
+    table = pk.passkey_table(results) + (
+        f"\nTrained {trained['steps']} steps on prompts of {span} tokens (varied filler), scored at the "
+        f"key{' and its repeat in the needle' if args.score_repeat else ''}; held-out digit accuracy "
+        f"{trained['accuracy']:.3f}.\n"
+    )
+    _write(out, results, table)
+    png = pk.plot_passkey_heatmap(results, out / "heatmap.png")
+    _plot_loss(out, trained["history"], f"passkey training loss ({args.arch})")
+    print(table)
+    wrote = [out / "results.json", out / "results.md", out / "model.safetensors", *([png] if png else [])]
+    print("wrote " + ", ".join(map(str, wrote)))
+    return 0
+
+
 # mmrec eval passkey -------------------------------------------------------
+
+
+def _load_synth_passkey(folder: Path, device: torch.device) -> tuple[torch.nn.Module, Any, int, int]:
+    """(model, tokenizer, longest training length, steps) of a `mmrec synth passkey` output folder."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from mmrec.config import MMRecConfig, TransformerConfig
+    from mmrec.evals.common import CheckpointError
+    from mmrec.models import MMRecLM, TransformerLM
+    from mmrec.tokenizer import load_tokenizer
+
+    try:
+        meta = json.loads((folder / "results.json").read_text())
+        if meta.get("task") != "passkey":
+            raise CheckpointError(
+                f"--checkpoint: {folder} holds the results of `mmrec synth {meta.get('task')}`, not of `mmrec synth "
+                "passkey` or `mmrec train`"
+            )
+        cfg = meta["model_config"]
+        model: torch.nn.Module
+        if meta["arch"] == "mmrec":
+            model = MMRecLM(MMRecConfig.from_dict(cfg))
+        else:
+            model = TransformerLM(TransformerConfig.from_dict(cfg))
+        model.load_state_dict(load_file(str(folder / "model.safetensors")))
+        tokenizer = load_tokenizer(folder / "tokenizer.json")
+        return model.to(device).eval(), tokenizer, int(meta["train_len"][-1]), int(meta["steps"])
+    except CheckpointError:
+        raise
+    except Exception as e:  # json, safetensors, configs and load_state_dict raise several types
+        raise CheckpointError(f"--checkpoint: {folder} is not a complete `mmrec synth passkey` output: {e}") from e
 
 
 def _passkey_eval(args: argparse.Namespace) -> int:
@@ -553,18 +689,31 @@ def _passkey_eval(args: argparse.Namespace) -> int:
 
     try:
         device = _setup(args)
-        loaded = load_checkpoint(args.checkpoint, device)
-        print(f"passkey: {loaded.arch} from {loaded.path} (step {loaded.step}, trained on {loaded.trained_seq_len})")
+        folder = Path(args.checkpoint)
+        if (folder / "results.json").is_file() and not (folder / "meta.json").exists():
+            model, tokenizer, trained_len, step = _load_synth_passkey(folder, device)
+            arch = "mmrec" if isinstance(model, MMRecLM) else f"transformer-{cast(Any, model).config.preset}"
+        else:
+            loaded = load_checkpoint(args.checkpoint, device)
+            model, tokenizer, trained_len, step, folder = (
+                loaded.model,
+                loaded.tokenizer,
+                loaded.trained_seq_len,
+                loaded.step,
+                loaded.path,
+            )
+            arch = loaded.arch
+        print(f"passkey: {arch} from {folder} (step {step}, trained on {trained_len})")
         results = pk.evaluate_passkey(
-            loaded.model,
-            loaded.tokenizer,
+            model,
+            tokenizer,
             args.lengths,
             args.depths,
             args.trials,
             device,
             int(args.max_memory_gb * GIB),
             args.window,
-            trained_len=loaded.trained_seq_len,
+            trained_len=trained_len,
             beyond=args.transformer_context,
             seed=args.seed,
             filler_seed=args.seed if args.vary_filler else None,
@@ -572,7 +721,7 @@ def _passkey_eval(args: argparse.Namespace) -> int:
         _make_out(args)
     except (CheckpointError, ValueError, OSError) as e:
         return _fail(args, e)
-    results.update({"checkpoint": str(loaded.path), "step": loaded.step, "device": str(device)})
+    results.update({"checkpoint": str(folder), "step": step, "device": str(device)})
     table = pk.passkey_table(results)
     out = write_results(args.out, results, table)
     png = pk.plot_passkey_heatmap(results, out / "heatmap.png")
@@ -669,6 +818,35 @@ def add_synth_parser(subparsers: Any) -> argparse.ArgumentParser:
         _add_common(p)
         p.set_defaults(func=_length_task(task), command_path=f"synth {task}")
 
+    pkp = actions.add_parser(
+        "passkey",
+        help="passkey retrieval: train on short prompts scored at the key, then grade lengths x depths",
+        description="Train a small model on passkey prompts of --train-len tokens (random key, depth and filler "
+        "order; the loss is taken at the key only), then grade exact match and digit likelihood on the "
+        "lengths x depths grid of `mmrec eval passkey`. The weights are saved before the grid: "
+        "`mmrec eval passkey --checkpoint OUT` grades them again at other lengths.",
+    )
+    _add_model_args(pkp, d_model=128)
+    pkp.add_argument(
+        "--train-len",
+        type=_int_at_least(64),
+        nargs="+",
+        default=[128, 384],
+        metavar="LEN",
+        help="training prompt length, or MIN MAX: each batch draws one length uniformly (default: 128 384)",
+    )
+    pkp.add_argument(
+        "--no-score-repeat",
+        dest="score_repeat",
+        action="store_false",
+        help="score the answer only, not also the key's repeat inside the pass key line",
+    )
+    pkp.add_argument("--tokenizer", default="byte", help="'byte' or a tokenizer.json (default: byte)")
+    _add_passkey_grid_args(pkp, [256, 1024, 4096, 16384, 65536], trials=8)
+    _add_train_args(pkp, steps=1000, batch=32, lr=3e-3)
+    _add_common(pkp)
+    pkp.set_defaults(func=_synth_passkey, command_path="synth passkey")
+
     data = actions.add_parser(
         "passkey-data",
         help="write passkey-style training documents (JSONL) to mix into `mmrec train`",
@@ -685,22 +863,14 @@ def add_synth_parser(subparsers: Any) -> argparse.ArgumentParser:
     return synth
 
 
-def add_passkey_parser(eval_subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``passkey`` to the subparsers of ``mmrec eval``."""
-    p = eval_subparsers.add_parser(
-        "passkey",
-        help="passkey retrieval: exact match and digit likelihood over lengths x depths",
-        description="Hide a random 5-digit key at each depth of filler prompts of each length and ask for it. "
-        "MM-Rec streams the prompt in windows with constant memory; a Transformer uses its KV cache "
-        "within --max-memory-gb and a sliding window of its trained length beyond it.",
-    )
-    p.add_argument("--checkpoint", required=True, help="a checkpoint of `mmrec train` (step or run directory)")
+def _add_passkey_grid_args(p: argparse.ArgumentParser, lengths: list[int], trials: int) -> None:
+    """The lengths x depths grid of passkey prompts and how each is read (`eval passkey`, `synth passkey`)."""
     p.add_argument(
         "--lengths",
         type=_int_at_least(64),
         nargs="+",
-        default=[1024, 4096, 16384, 65536],
-        help="prompt lengths in tokens (default: 1024 4096 16384 65536)",
+        default=lengths,
+        help=f"prompt lengths in tokens (default: {' '.join(map(str, lengths))})",
     )
     p.add_argument(
         "--depths",
@@ -709,8 +879,7 @@ def add_passkey_parser(eval_subparsers: Any) -> argparse.ArgumentParser:
         default=[0.0, 0.25, 0.5, 0.75, 1.0],
         help="depths of the key, 0 = start, 1 = just before the question (default: 0 0.25 0.5 0.75 1)",
     )
-    p.add_argument("--trials", type=positive_int, default=5, help="random keys per cell (default: 5)")
-    p.add_argument("--out", required=True, help="output folder (created)")
+    p.add_argument("--trials", type=positive_int, default=trials, help=f"random keys per cell (default: {trials})")
     p.add_argument("--window", type=positive_int, default=4096, help="tokens per forward call (default: 4096)")
     p.add_argument(
         "--max-memory-gb",
@@ -725,7 +894,25 @@ def add_passkey_parser(eval_subparsers: Any) -> argparse.ArgumentParser:
         help="a Transformer past its trained length: sliding window of that length, full attention, or skip "
         "(default: sliding)",
     )
-    p.add_argument("--vary-filler", action="store_true", help="shuffle the filler sentences (seeded by --seed)")
+    p.add_argument("--vary-filler", action="store_true", help="shuffle the test filler's sentences (seeded by --seed)")
+
+
+def add_passkey_parser(eval_subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``passkey`` to the subparsers of ``mmrec eval``."""
+    p = eval_subparsers.add_parser(
+        "passkey",
+        help="passkey retrieval: exact match and digit likelihood over lengths x depths",
+        description="Hide a random 5-digit key at each depth of filler prompts of each length and ask for it. "
+        "MM-Rec streams the prompt in windows with constant memory; a Transformer uses its KV cache "
+        "within --max-memory-gb and a sliding window of its trained length beyond it.",
+    )
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a checkpoint of `mmrec train` (step or run directory), or the --out folder of `mmrec synth passkey`",
+    )
+    _add_passkey_grid_args(p, [1024, 4096, 16384, 65536], trials=5)
+    p.add_argument("--out", required=True, help="output folder (created)")
     _add_common(p)
     p.set_defaults(func=_passkey_eval, command_path="eval passkey")
     return p
