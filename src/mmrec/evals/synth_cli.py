@@ -598,7 +598,7 @@ def _synth_passkey(args: argparse.Namespace) -> int:
             write_l1=args.write_l1,
             write_l1_warmup=args.write_l1_warmup,
         )
-        print(f"held-out digit accuracy at {span} tokens: {trained['accuracy']:.3f}", flush=True)
+        print(f"held-out accuracy at the key's tokens ({span}-token prompts): {trained['accuracy']:.3f}", flush=True)
         # The model and tokenizer are saved before the grid, so a long grid that is cut short loses no training;
         # `mmrec eval passkey --checkpoint OUT` grades them again at any length.
         _save_model(out, model)
@@ -636,7 +636,7 @@ def _synth_passkey(args: argparse.Namespace) -> int:
     results = {**base, **{k: v for k, v in grid.items() if k != "arch"}}
     table = pk.passkey_table(results) + (
         f"\nTrained {trained['steps']} steps on prompts of {span} tokens (varied filler), scored at the "
-        f"key{' and its repeat in the needle' if args.score_repeat else ''}; held-out digit accuracy "
+        f"key{' and its repeat in the needle' if args.score_repeat else ''}; held-out accuracy at the scored tokens "
         f"{trained['accuracy']:.3f}.\n"
     )
     _write(out, results, table)
