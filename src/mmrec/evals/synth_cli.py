@@ -734,10 +734,10 @@ def _passkey_eval(args: argparse.Namespace) -> int:
 
 
 def add_synth_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``synth`` (MQAR, induction, selective copying, passkey training data) to ``subparsers``."""
+    """Add ``synth`` (MQAR, induction, selective copying, passkey, passkey training data) to ``subparsers``."""
     synth = subparsers.add_parser(
         "synth",
-        help="synthetic recall tasks: MQAR, induction heads, selective copying; passkey training data",
+        help="synthetic recall tasks: MQAR, induction heads, selective copying, passkey; passkey training data",
         description="Train small models on generated tasks and measure recall (DESIGN.md section 7).",
     )
     actions = synth.add_subparsers(dest="synth_command", metavar="TASK")
