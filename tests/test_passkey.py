@@ -264,13 +264,16 @@ def test_cli_synth_passkey_trains_grades_and_reloads(tmp_path: Path) -> None:
 def test_cli_synth_passkey_transformer_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     parser = synth_parser()
     out = tmp_path / "llama"
+    prose = tmp_path / "prose.txt"
+    prose.write_text("Friends, Romans, countrymen, lend me your ears; I come to bury Caesar, not to praise him.\n")
     args = parser.parse_args(
         ["synth", "passkey", "--arch", "llama", "--d-model", "16", "--steps", "2", "--batch-size", "2"]
         + ["--train-len", "120", "--lengths", "100", "300", "--depths", "0.5", "--trials", "2", "--out", str(out)]
+        + ["--filler", str(prose)]
     )
     assert args.func(args) == 0
-    cells = json.loads((out / "results.json").read_text())["cells"]
-    assert [c["mode"] for c in cells] == ["full", "sliding"]
+    results = json.loads((out / "results.json").read_text())
+    assert [c["mode"] for c in results["cells"]] == ["full", "sliding"] and results["filler"] == str(prose)
     ev = ["eval", "passkey", "--checkpoint", str(out), "--lengths", "120", "--out", str(tmp_path / "e")]
     args = parser.parse_args(ev)
     assert args.func(args) == 0
@@ -280,6 +283,7 @@ def test_cli_synth_passkey_transformer_and_errors(tmp_path: Path, capsys: pytest
         (["--train-len", "80"], "seq_len must be >= "),
         (["--lengths", "70"], "--lengths 70: a prompt needs at least"),
         (["--write-l1", "0.1"], "needs an MM-Rec with sparse_write: add --sparse-write"),
+        (["--filler", str(tmp_path / "nope.txt")], "--filler"),
     ):
         bad_out = tmp_path / "bad"
         args = parser.parse_args(["synth", "passkey", "--steps", "1", "--out", str(bad_out), *bad])
@@ -296,3 +300,37 @@ def test_cli_synth_passkey_transformer_and_errors(tmp_path: Path, capsys: pytest
     (other / "results.json").write_text(json.dumps({"task": "passkey", "arch": "mmrec", "model_config": {}}))
     assert args.func(args) == 1
     assert "is not a complete `mmrec synth passkey` output" in capsys.readouterr().err
+
+
+def test_prose_filler(tmp_path: Path) -> None:
+    from mmrec.evals.passkey import FillerStream, read_filler
+
+    text = tmp_path / "prose.txt"
+    text.write_text("Now is the winter\nof our   discontent, made glorious summer.\n", encoding="utf-8")
+    tokens = read_filler(TOK, text)
+    assert TOK.decode(tokens) == " Now is the winter of our discontent, made glorious summer."
+    stream = FillerStream(TOK, None, tokens)
+    assert stream.ids(0, 3 * len(tokens)) == tokens * 3  # cycled
+    shifted = FillerStream(TOK, 5, tokens)
+    start = shifted.offset
+    assert 0 <= start < len(tokens) and shifted.ids(0, len(tokens)) == tokens[start:] + tokens[:start]
+    assert shifted.ids(7, 19) == shifted.ids(0, 40)[7:19]
+    prompt = passkey_prompt(TOK, 700, 0.5, "31337", filler_seed=5, filler_tokens=tokens)
+    ids = prompt.ids()
+    assert len(ids) == 700 and TOK.decode(ids).count("31337") == 2 and "winter of our" in TOK.decode(ids)
+    assert [t for w in prompt.windows(61) for t in w] == ids
+    inputs, targets = passkey_batch(TOK, 3, 200, torch.Generator().manual_seed(1), filler_tokens=tokens)
+    for row, target in zip(inputs.tolist(), targets.tolist(), strict=True):
+        key = re.search(r"The pass key is (\d{5})", TOK.decode(row)).group(1)
+        assert "discontent" in TOK.decode(row) and TOK.decode([y for y in target if y != IGNORE]) == key + " " + key
+    # Bad files: a clear message each.
+    with pytest.raises(ValueError, match="no such file"):
+        read_filler(TOK, tmp_path / "missing.txt")
+    (tmp_path / "empty.txt").write_text("  \n\n")
+    with pytest.raises(ValueError, match="holds no text"):
+        read_filler(TOK, tmp_path / "empty.txt")
+    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe\x00abc")
+    with pytest.raises(ValueError, match="cannot read it as UTF-8"):
+        read_filler(TOK, tmp_path / "bad.txt")
+    with pytest.raises(ValueError, match="no such file"):
+        read_filler(TOK, tmp_path)

@@ -66,19 +66,31 @@ def _mix64(x: int) -> int:
 class FillerStream:
     """An endless filler of token ids, addressable at any position.
 
-    It repeats blocks of the five sentences: in the classic order, or, with a
-    ``seed``, in an order chosen per block (the same seed gives the same
-    text). Every block has the same token length whatever its order, so
-    position p lies in block p // period without scanning.
+    By default it repeats blocks of the five sentences: in the classic order,
+    or, with a ``seed``, in an order chosen per block (the same seed gives the
+    same text). Every block has the same token length whatever its order, so
+    position p lies in block p // period without scanning. With ``tokens``
+    (a tokenized text, e.g. prose) the filler is that text, cycled, starting at
+    an offset chosen by ``seed`` (at its start without one).
     """
 
-    def __init__(self, tokenizer: Any, seed: int | None = None) -> None:
+    def __init__(self, tokenizer: Any, seed: int | None = None, tokens: Sequence[int] | None = None) -> None:
+        self.seed = seed
+        self.tokens = tokens
+        self._blocks: dict[int, list[int]] = {}
+        if tokens is not None:
+            if len(tokens) == 0:
+                raise ValueError("the filler text is empty")
+            self.period = len(tokens)
+            self.offset = 0 if seed is None else _mix64(seed & _MASK64) % self.period
+            return
         self.sentences = [list(tokenizer.encode(" " + s)) for s in FILLER_SENTENCES]
         self.period = sum(len(s) for s in self.sentences)
-        self.seed = seed
-        self._blocks: dict[int, list[int]] = {}
+        self.offset = 0
 
-    def _block(self, index: int) -> list[int]:
+    def _block(self, index: int) -> Sequence[int]:
+        if self.tokens is not None:
+            return self.tokens
         order = 0 if self.seed is None else _mix64((self.seed & _MASK64) * 1_000_003 + index) % len(_ORDERS)
         block = self._blocks.get(order)
         if block is None:
@@ -89,13 +101,30 @@ class FillerStream:
     def ids(self, start: int, stop: int) -> list[int]:
         """Token ids at positions [start, stop) of the filler."""
         out: list[int] = []
-        pos = start
+        pos = start + self.offset
+        stop += self.offset
         while pos < stop:
             b, offset = divmod(pos, self.period)
             take = min(self.period - offset, stop - pos)
             out.extend(self._block(b)[offset : offset + take])
             pos += take
         return out
+
+
+def read_filler(tokenizer: Any, path: str | Path) -> list[int]:
+    """The token ids of a UTF-8 text file to use as filler; a clear error for a missing, unreadable or empty file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--filler {path}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--filler {path}: cannot read it as UTF-8 text: {e}") from e
+    words = text.split()  # whitespace folded: lines become one stream of prose, spaced like the sentences
+    tokens = list(tokenizer.encode(" " + " ".join(words))) if words else []
+    if not tokens:
+        raise ValueError(f"--filler {path}: the file holds no text")
+    return tokens
 
 
 @dataclass
@@ -157,9 +186,14 @@ def _check_key(key: object) -> str:
 
 
 def passkey_prompt(
-    tokenizer: Any, n_tokens: int, depth: float, key: str, filler_seed: int | None = None
+    tokenizer: Any,
+    n_tokens: int,
+    depth: float,
+    key: str,
+    filler_seed: int | None = None,
+    filler_tokens: Sequence[int] | None = None,
 ) -> PasskeyPrompt:
-    """The lazy prompt of :func:`make_passkey_prompt`."""
+    """The lazy prompt of :func:`make_passkey_prompt`; ``filler_tokens``: a text of your own as filler."""
     key = _check_key(key)
     if not isinstance(depth, (int, float)) or not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be between 0 (start) and 1 (just before the question), got {depth!r}")
@@ -172,8 +206,8 @@ def passkey_prompt(
             f"n_tokens must be an integer >= {minimum} (the pass key line and the question alone take "
             f"{minimum} tokens with this tokenizer), got {n_tokens!r}"
         )
-    filler_tokens = n_tokens - minimum
-    start = round(depth * filler_tokens)
+    n_filler = n_tokens - minimum
+    start = round(depth * n_filler)
     return PasskeyPrompt(
         key=key,
         n_tokens=n_tokens,
@@ -182,7 +216,7 @@ def passkey_prompt(
         needle_ids=needle,
         question_ids=question,
         answer_ids=answer,
-        filler=FillerStream(tokenizer, filler_seed),
+        filler=FillerStream(tokenizer, filler_seed, filler_tokens),
     )
 
 
@@ -257,20 +291,22 @@ def passkey_batch(
     *,
     score_repeat: bool = True,
     vary_filler: bool = True,
+    filler_tokens: Sequence[int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """A training batch of passkey prompts, answer appended, scored at the key only.
 
     Each row is one prompt of the evaluation's layout (random 5-digit key,
     depth uniform in [0, 1], its own filler order unless ``vary_filler`` is
-    off) followed by the answer but its last token, ``seq_len`` tokens in
-    all. ``targets`` (next-token layout, ``IGNORE`` elsewhere) hold the
-    answer at the positions that predict it and, with ``score_repeat``, the
-    key's second occurrence inside the needle ("... {key} is the pass key."),
-    which only a model that copies the first occurrence can predict: a short
-    copy the model learns first, then the long one. The filler and the
-    question are never scored, so every gradient is about retrieval (in a
-    language-model mix, the key's ~10 digits are drowned by hundreds of
-    filler tokens; see docs/benchmarks.md). A pure function of ``generator``.
+    off; with ``filler_tokens``, a random place in that text) followed by the
+    answer but its last token, ``seq_len`` tokens in all. ``targets``
+    (next-token layout, ``IGNORE`` elsewhere) hold the answer at the positions
+    that predict it and, with ``score_repeat``, the key's second occurrence
+    inside the needle ("... {key} is the pass key."), which only a model
+    that copies the first occurrence can predict: a short copy the model
+    learns first, then the long one. The filler and the question are never
+    scored, so every gradient is about retrieval (in a language-model mix,
+    the key's ~10 digits are drowned by hundreds of filler tokens; see
+    docs/results/passkey-cpu-2026-11-27). A pure function of ``generator``.
     """
     from mmrec.evals.synthetic import IGNORE
 
@@ -287,7 +323,9 @@ def passkey_batch(
         depth = float(torch.rand((), generator=generator))
         filler_seed = int(torch.randint(2**31, (1,), generator=generator))
         answer = list(tokenizer.encode(ANSWER_TEMPLATE.format(key=key)))
-        prompt = passkey_prompt(tokenizer, seq_len - len(answer) + 1, depth, key, filler_seed if vary_filler else None)
+        prompt = passkey_prompt(
+            tokenizer, seq_len - len(answer) + 1, depth, key, filler_seed if vary_filler else None, filler_tokens
+        )
         ids = prompt.ids() + answer[:-1]
         target = [IGNORE] * seq_len
         n = prompt.n_tokens
@@ -414,6 +452,7 @@ def evaluate_passkey(
     beyond: str = "sliding",
     seed: int = 0,
     filler_seed: int | None = None,
+    filler_tokens: Sequence[int] | None = None,
     log: Callable[[str], None] | None = print,
 ) -> dict[str, Any]:
     """Exact match and digit log-likelihood for every (length, depth), over ``trials`` random keys.
@@ -442,7 +481,7 @@ def evaluate_passkey(
                 t0 = time.perf_counter()
                 rng = np.random.default_rng([seed, length, di])
                 keys = random_keys(rng, trials)
-                prompts = [passkey_prompt(tokenizer, length, depth, k, filler_seed) for k in keys]
+                prompts = [passkey_prompt(tokenizer, length, depth, k, filler_seed, filler_tokens) for k in keys]
                 extra = max(len(p.answer_ids) for p in prompts)
                 plan = plan_context(model, length + extra, trials, window, max_memory_bytes, trained_len, beyond)
                 if plan.skipped:

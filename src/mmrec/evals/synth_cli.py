@@ -568,12 +568,13 @@ def _synth_passkey(args: argparse.Namespace) -> int:
         device = _setup(args)
         tokenizer = load_tokenizer(args.tokenizer)
         lo, hi = _train_range(args.train_len)
+        filler = pk.read_filler(tokenizer, args.filler) if args.filler else None
         span = f"{lo}" if lo == hi else f"{lo}-{hi}"
 
         def make_batch(b: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
             # One length per batch, uniform in [lo, hi]: every row of a batch is a prompt of the same length.
             length = lo if lo == hi else int(torch.randint(lo, hi + 1, (1,), generator=g))
-            return pk.passkey_batch(tokenizer, b, length, g, score_repeat=args.score_repeat)
+            return pk.passkey_batch(tokenizer, b, length, g, score_repeat=args.score_repeat, filler_tokens=filler)
 
         pk.passkey_batch(tokenizer, 1, lo, torch.Generator().manual_seed(0))  # bad lengths fail before training
         pk.check_prompt_lengths(tokenizer, args.lengths)
@@ -609,6 +610,7 @@ def _synth_passkey(args: argparse.Namespace) -> int:
             "tokenizer": args.tokenizer,
             "train_len": [lo, hi],
             "score_repeat": args.score_repeat,
+            "filler": args.filler,
             "steps": trained["steps"],
             "batch_size": args.batch_size,
             "lr": args.lr,
@@ -629,13 +631,15 @@ def _synth_passkey(args: argparse.Namespace) -> int:
             trained_len=hi,
             beyond=args.transformer_context,
             seed=args.seed,  # the keys of `mmrec eval passkey --seed` with the same seed: it reproduces this grid
-            filler_seed=args.seed if args.vary_filler else None,
+            filler_seed=args.seed if args.vary_filler or filler else None,
+            filler_tokens=filler,
         )
     except (ValueError, FloatingPointError, OSError) as e:
         return _fail(args, e)
     results = {**base, **{k: v for k, v in grid.items() if k != "arch"}}
+    filler_name = args.filler or "the five sentences, shuffled"
     table = pk.passkey_table(results) + (
-        f"\nTrained {trained['steps']} steps on prompts of {span} tokens (varied filler), scored at the "
+        f"\nTrained {trained['steps']} steps on prompts of {span} tokens (filler: {filler_name}), scored at the "
         f"key{' and its repeat in the needle' if args.score_repeat else ''}; held-out accuracy at the scored tokens "
         f"{trained['accuracy']:.3f}.\n"
     )
@@ -704,6 +708,7 @@ def _passkey_eval(args: argparse.Namespace) -> int:
             )
             arch = loaded.arch
         print(f"passkey: {arch} from {folder} (step {step}, trained on {trained_len})")
+        filler = pk.read_filler(tokenizer, args.filler) if args.filler else None
         results = pk.evaluate_passkey(
             model,
             tokenizer,
@@ -716,12 +721,13 @@ def _passkey_eval(args: argparse.Namespace) -> int:
             trained_len=trained_len,
             beyond=args.transformer_context,
             seed=args.seed,
-            filler_seed=args.seed if args.vary_filler else None,
+            filler_seed=args.seed if args.vary_filler or filler else None,
+            filler_tokens=filler,
         )
         _make_out(args)
     except (CheckpointError, ValueError, OSError) as e:
         return _fail(args, e)
-    results.update({"checkpoint": str(folder), "step": step, "device": str(device)})
+    results.update({"checkpoint": str(folder), "step": step, "device": str(device), "filler": args.filler})
     table = pk.passkey_table(results)
     out = write_results(args.out, results, table)
     png = pk.plot_passkey_heatmap(results, out / "heatmap.png")
@@ -895,6 +901,13 @@ def _add_passkey_grid_args(p: argparse.ArgumentParser, lengths: list[int], trial
         "(default: sliding)",
     )
     p.add_argument("--vary-filler", action="store_true", help="shuffle the test filler's sentences (seeded by --seed)")
+    p.add_argument(
+        "--filler",
+        default=None,
+        metavar="FILE",
+        help="a UTF-8 text file to use as filler instead of the five sentences, cycled from a place chosen by the "
+        "seed (synth passkey: in training too)",
+    )
 
 
 def add_passkey_parser(eval_subparsers: Any) -> argparse.ArgumentParser:
