@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from mmrec.data import sources as sources_mod
-from mmrec.data.prepare import dataset_fingerprint, load_dataset, prepare_dataset, split_of
+from mmrec.data.prepare import dataset_fingerprint, prepare_dataset, split_of
+from mmrec.data.shards import load_dataset
 from mmrec.data.sources import (
     DataError,
     SkipStats,

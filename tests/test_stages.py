@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from mmrec import MMRecConfig, MMRecLM
-from mmrec.data.prepare import load_dataset, prepare_dataset
+from mmrec.data.prepare import prepare_dataset
+from mmrec.data.shards import load_dataset
 from mmrec.data.sources import parse_source
 from mmrec.stages import (
     KneserNey,

@@ -118,7 +118,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _stages(args: argparse.Namespace) -> int:
-    from mmrec.stages.tracker import track_run
+    from mmrec.stages.finished_run import track_run
 
     data = track_run(args.run)
     for rec in data["stages"]:

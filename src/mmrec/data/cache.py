@@ -8,7 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mmrec.data.prepare import PreparedDataset, dataset_fingerprint, load_dataset, prepare_dataset
+from mmrec.data.prepare import dataset_fingerprint, prepare_dataset
+from mmrec.data.shards import PreparedDataset, load_dataset
 from mmrec.data.sources import SourceSpec, parse_source, resolve_sources
 
 
@@ -31,11 +32,15 @@ def cached_dataset(
     log: Callable[[str], None] = print,
     prepare: bool = True,
     wait: Callable[[], None] = lambda: None,
+    progress: bool = True,
+    verify: bool = True,
 ) -> PreparedDataset:
     """Token shards for ``specs``: reused when already prepared, else prepared once.
 
     In multi-process runs only the process with ``prepare=True`` writes; all
-    call ``wait`` (a barrier) before loading.
+    call ``wait`` (a barrier) before loading. ``progress`` shows a bar while
+    preparing; ``verify`` checks every shard's sha256 on loading (sizes are
+    always checked).
     """
     data_dir = default_cache_root(data_cache) / dataset_fingerprint(specs, tokenizer, val_fraction)
     if prepare:
@@ -43,9 +48,9 @@ def cached_dataset(
             log(f"data: reusing prepared shards in {data_dir}")
         else:
             log(f"data: preparing {len(specs)} source(s) into {data_dir}")
-            manifest = prepare_dataset(specs, tokenizer, data_dir, val_fraction)
+            manifest = prepare_dataset(specs, tokenizer, data_dir, val_fraction, progress=progress)
             mb = sum(s["train"]["n_bytes"] + s["val"]["n_bytes"] for s in manifest["sources"].values()) / 1e6
             seconds = max(manifest["prepare_seconds"], 1e-9)
             log(f"data: prepared {mb:,.1f} MB in {seconds:.1f}s ({mb / seconds:,.1f} MB/s)")
     wait()
-    return load_dataset(data_dir, tokenizer, verify=True)
+    return load_dataset(data_dir, tokenizer, verify=verify)

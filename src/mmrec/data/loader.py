@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmrec.data.prepare import PreparedDataset, TokenShard
+from mmrec.data.shards import PreparedDataset, TokenShard
 
 
 def _uniform(*key: Any) -> float:

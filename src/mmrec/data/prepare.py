@@ -1,19 +1,7 @@
-"""Tokenise text sources once into memory-mappable shards, and load them back.
+"""Tokenise text sources once into memory-mappable shards (the format: ``mmrec.data.shards``).
 
-Training reads token ids at random positions many times over, so text is
-tokenised up front into flat binary files that ``numpy.memmap`` reads with no
-parsing and no copy. Layout of a prepared dataset directory::
-
-    manifest.json              what was prepared, from what, with which tokenizer; sizes and sha256 of every file
-    tokenizer.json             the tokenizer used (``mmrec.tokenizer.load_tokenizer`` reads it)
-    <source>/train.tokens.bin  token ids of the training documents, concatenated (little-endian uint16 or uint32)
-    <source>/train.offsets.bin int64, n_docs + 1 entries: document i is tokens[off[i]:off[i + 1]]
-    <source>/val.tokens.bin    the same for validation documents
-    <source>/val.offsets.bin
-
-Documents are stored without end-of-text tokens; the loader adds them where
-it joins documents. Mixture weights are not baked in (they are applied when
-sampling), so one prepared dataset serves any mixture of its sources.
+All sources are checked before any tokenising, and a dataset is written to a
+temporary directory renamed into place only when complete.
 
 The train/validation split is per document and follows from a hash of the
 document id alone (``split_of``): re-running on the same inputs, or adding
@@ -36,8 +24,6 @@ import os
 import shutil
 import sys
 import time
-from array import array
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -45,19 +31,15 @@ from typing import Any
 import numpy as np
 
 from mmrec.data.builtin import stdlib_root
+from mmrec.data.shards import FORMAT_VERSION, MANIFEST, SPLITS, Manifest, SplitWriter, token_dtype, tokenizer_id_of
 from mmrec.data.sources import DataError, SkipStats, SourceSpec, iter_documents, resolve_sources, source_files
-from mmrec.tokenizer import ByteTokenizer, tokenizer_id
+from mmrec.tokenizer import ByteTokenizer
 
-FORMAT_VERSION = 1
-SPLITS = ("train", "val")
-MANIFEST = "manifest.json"
 # Documents are tokenised in batches of up to this many documents or bytes (one call to encode_batch each).
 BATCH_DOCS = 512
 BATCH_BYTES = 4 << 20
 # Tokens held out from a single-document source: this many at least, when the document has twice as many.
 MIN_SPLIT_VAL_TOKENS = 64
-_COPY_CHUNK = 1 << 24
-_HASH_CHUNK = 1 << 22
 
 
 def _doc_hash(doc_id: str) -> int:
@@ -72,11 +54,6 @@ def _is_val(h: int, val_fraction: float) -> bool:
 def split_of(doc_id: str, val_fraction: float) -> str:
     """``"val"`` for about ``val_fraction`` of document ids, ``"train"`` for the rest; depends on the id only."""
     return "val" if _is_val(_doc_hash(doc_id), val_fraction) else "train"
-
-
-def _tok_id(tokenizer: Any) -> str:
-    tid = getattr(tokenizer, "id", None)
-    return tid if isinstance(tid, str) else tokenizer_id(tokenizer)
 
 
 def _check_settings(val_fraction: float, min_val_docs: int) -> None:
@@ -121,157 +98,13 @@ def dataset_fingerprint(specs: list[SourceSpec], tokenizer: Any, val_fraction: f
         items.append(item)
     payload = {
         "format_version": FORMAT_VERSION,
-        "tokenizer": _tok_id(tokenizer),
+        "tokenizer": tokenizer_id_of(tokenizer),
         "val_fraction": float(val_fraction),
         "min_val_docs": min_val_docs,
         "sources": items,
     }
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode("utf-8")
     return hashlib.sha256(blob).hexdigest()[:16]
-
-
-class Manifest(dict[str, Any]):
-    """Contents of ``manifest.json``: a dict (exactly what is written) with typed shortcuts.
-
-    Keys: ``format_version``, ``mmrec_version``, ``created`` (UTC, ISO 8601),
-    ``fingerprint``, ``tokenizer`` (``id``, ``name``, ``vocab_size``),
-    ``val_fraction``, ``min_val_docs``, ``n_bytes``, ``n_tokens``,
-    ``prepare_seconds``, ``bytes_per_second`` and ``sources``: name ->
-    ``name``, ``path``, ``text_field``, ``weight`` (as given when preparing;
-    informational), ``skipped`` (``SkipStats`` counts), ``moved_to_val``,
-    ``split_document``, and ``train`` / ``val``: ``n_docs``, ``n_tokens``,
-    ``n_bytes`` (UTF-8 bytes of the text), ``dtype`` and ``files``
-    (``tokens`` / ``offsets``: ``name``, ``size``, ``sha256``).
-    """
-
-    path: Path | None = None
-
-    @property
-    def sources(self) -> dict[str, dict[str, Any]]:
-        return dict(self["sources"])
-
-    @property
-    def tokenizer_id(self) -> str:
-        return str(self["tokenizer"]["id"])
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self["tokenizer"]["vocab_size"])
-
-    @property
-    def n_bytes(self) -> int:
-        """UTF-8 bytes of text prepared, all sources and splits."""
-        return int(self["n_bytes"])
-
-    @property
-    def n_tokens(self) -> int:
-        return int(self["n_tokens"])
-
-    @property
-    def prepare_seconds(self) -> float:
-        return float(self["prepare_seconds"])
-
-    @property
-    def bytes_per_second(self) -> float:
-        """Preparation throughput: ``n_bytes / prepare_seconds``."""
-        return float(self["bytes_per_second"])
-
-
-def _token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype("<u2") if vocab_size <= 65536 else np.dtype("<u4")
-
-
-_DTYPE_NAMES: dict[str, np.dtype[Any]] = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
-
-
-def _dtype_name(dtype: np.dtype) -> str:
-    return "uint16" if dtype.itemsize == 2 else "uint32"
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-class _SplitWriter:
-    """Appends the documents of one split of one source to its tokens file; keeps offsets in memory."""
-
-    def __init__(self, directory: Path, split: str, dtype: np.dtype) -> None:
-        self.split = split
-        self.dtype = dtype
-        self.tokens_path = directory / f"{split}.tokens.bin"
-        self.offsets_path = directory / f"{split}.offsets.bin"
-        self.offsets = array("q", [0])
-        self.hashes = array("Q")
-        self.doc_bytes = array("q")
-        self._file = self.tokens_path.open("wb")
-
-    @property
-    def n_docs(self) -> int:
-        return len(self.hashes)
-
-    def add(self, docs: list[np.ndarray], hashes: list[int], n_bytes: list[int]) -> None:
-        if not docs:
-            return
-        end = self.offsets[-1]
-        for d in docs:
-            end += len(d)
-            self.offsets.append(end)
-        self.hashes.extend(hashes)
-        self.doc_bytes.extend(n_bytes)
-        np.concatenate(docs).astype(self.dtype, copy=False).tofile(self._file)
-
-    def close(self) -> None:
-        self._file.close()
-
-    def reopen(self) -> None:
-        self._file = self.tokens_path.open("ab")
-
-    def read_tokens(self) -> np.ndarray:
-        if self.offsets[-1] == 0:
-            return np.zeros(0, self.dtype)
-        return np.memmap(self.tokens_path, dtype=self.dtype, mode="r")
-
-    def remove(self, indices: list[int]) -> list[tuple[np.ndarray, int, int]]:
-        """Take documents out (the file is rewritten without them); returns their (tokens, hash, bytes)."""
-        gone = sorted(set(indices))
-        tokens = self.read_tokens()
-        off = np.frombuffer(self.offsets, dtype=np.int64)
-        taken = [(np.array(tokens[off[i] : off[i + 1]]), self.hashes[i], self.doc_bytes[i]) for i in gone]
-        keep = np.ones(self.n_docs, dtype=bool)
-        keep[gone] = False
-        tmp = self.tokens_path.with_suffix(".rewrite")
-        with tmp.open("wb") as f:
-            start = 0
-            for i in [*gone, self.n_docs]:
-                a, b = int(off[start]), int(off[i])
-                for c in range(a, b, _COPY_CHUNK):
-                    np.asarray(tokens[c : min(b, c + _COPY_CHUNK)]).tofile(f)
-                start = i + 1
-        del tokens
-        os.replace(tmp, self.tokens_path)
-        lengths = np.diff(off)[keep]
-        self.offsets = array("q", [0, *np.cumsum(lengths).tolist()])
-        self.hashes = array("Q", [h for h, k in zip(self.hashes, keep, strict=True) if k])
-        self.doc_bytes = array("q", [n for n, k in zip(self.doc_bytes, keep, strict=True) if k])
-        return taken
-
-    def finish(self) -> dict[str, Any]:
-        self.close()
-        np.asarray(self.offsets, dtype="<i8").tofile(self.offsets_path)
-        return {
-            "n_docs": self.n_docs,
-            "n_tokens": int(self.offsets[-1]),
-            "n_bytes": int(sum(self.doc_bytes)),
-            "dtype": _dtype_name(self.dtype),
-            "files": {
-                kind: {"name": p.name, "size": p.stat().st_size, "sha256": _sha256_file(p)}
-                for kind, p in (("tokens", self.tokens_path), ("offsets", self.offsets_path))
-            },
-        }
 
 
 def _encode(tokenizer: Any, texts: list[str]) -> list[np.ndarray]:
@@ -328,7 +161,7 @@ def _prepare_source(
     assert spec.name is not None
     directory.mkdir()
     stats = SkipStats()
-    writers = {s: _SplitWriter(directory, s, dtype) for s in SPLITS}
+    writers = {s: SplitWriter(directory, s, dtype) for s in SPLITS}
     ids: list[str] = []
     texts: list[str] = []
     pending = 0
@@ -400,7 +233,7 @@ def _prepare_source(
     }
 
 
-def _move(src: _SplitWriter, dst: _SplitWriter, indices: list[int]) -> None:
+def _move(src: SplitWriter, dst: SplitWriter, indices: list[int]) -> None:
     taken = src.remove(indices)
     dst.reopen()
     dst.add([t for t, _, _ in taken], [h for _, h, _ in taken], [n for _, _, n in taken])
@@ -408,8 +241,8 @@ def _move(src: _SplitWriter, dst: _SplitWriter, indices: list[int]) -> None:
 
 
 def _split_single_document(
-    train: _SplitWriter,
-    val: _SplitWriter,
+    train: SplitWriter,
+    val: SplitWriter,
     tokenizer: Any,
     val_fraction: float,
     spec: SourceSpec,
@@ -484,7 +317,7 @@ def prepare_dataset(
             "Choose a new or empty directory."
         )
     vocab_size = int(tokenizer.vocab_size)
-    dtype = _token_dtype(vocab_size)
+    dtype = token_dtype(vocab_size)
     fingerprint = dataset_fingerprint(resolved, tokenizer, val_fraction, min_val_docs=min_val_docs)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     if tmp.exists():
@@ -508,7 +341,11 @@ def prepare_dataset(
             mmrec_version=getattr(mmrec, "__version__", "unknown"),
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             fingerprint=fingerprint,
-            tokenizer={"id": _tok_id(tokenizer), "name": getattr(tokenizer, "name", ""), "vocab_size": vocab_size},
+            tokenizer={
+                "id": tokenizer_id_of(tokenizer),
+                "name": getattr(tokenizer, "name", ""),
+                "vocab_size": vocab_size,
+            },
             val_fraction=float(val_fraction),
             min_val_docs=min_val_docs,
             n_bytes=n_bytes,
@@ -525,149 +362,3 @@ def prepare_dataset(
         raise
     manifest.path = out
     return manifest
-
-
-@dataclass
-class TokenShard:
-    """The documents of one split of one source: ``tokens[offsets[i]:offsets[i + 1]]`` is document i."""
-
-    tokens: np.ndarray
-    offsets: np.ndarray
-    n_bytes: int = 0
-
-    @property
-    def n_docs(self) -> int:
-        return len(self.offsets) - 1
-
-    @property
-    def n_tokens(self) -> int:
-        return int(self.offsets[-1])
-
-    def doc(self, i: int) -> np.ndarray:
-        """Token ids of document ``i`` (a view of the memory map, no copy)."""
-        if not -self.n_docs <= i < self.n_docs:
-            raise IndexError(f"document {i} is out of range: this shard has {self.n_docs} documents")
-        i %= self.n_docs
-        return self.tokens[self.offsets[i] : self.offsets[i + 1]]
-
-
-@dataclass
-class PreparedSource:
-    name: str
-    weight: float
-    train: TokenShard
-    val: TokenShard
-    path: str = ""
-    text_field: str = "text"
-
-    def split(self, name: str) -> TokenShard:
-        if name not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {name!r}")
-        return self.train if name == "train" else self.val
-
-
-@dataclass
-class PreparedDataset:
-    manifest: dict[str, Any]
-    sources: dict[str, PreparedSource]
-    path: Path
-
-    @property
-    def tokenizer_id(self) -> str:
-        return str(self.manifest["tokenizer"]["id"])
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self.manifest["tokenizer"]["vocab_size"])
-
-    def load_tokenizer(self) -> Any:
-        """The tokenizer the data was prepared with (from the dataset's tokenizer.json)."""
-        from mmrec.tokenizer import load_tokenizer
-
-        return load_tokenizer(self.path / "tokenizer.json")
-
-
-_RERUN = "re-run `mmrec data prepare` to rebuild it"
-
-
-def _check_file(path: Path, info: dict[str, Any], verify: bool) -> None:
-    if not path.is_file():
-        raise DataError(f"{path} is missing; {_RERUN}")
-    size = path.stat().st_size
-    if size != info["size"]:
-        raise DataError(f"{path} has {size} bytes but the manifest says {info['size']} (truncated?); {_RERUN}")
-    if verify and _sha256_file(path) != info["sha256"]:
-        raise DataError(f"{path} does not match its checksum in the manifest (corrupted); {_RERUN}")
-
-
-def _load_shard(directory: Path, split: str, info: dict[str, Any], verify: bool) -> TokenShard:
-    files = info["files"]
-    tokens_path = directory / files["tokens"]["name"]
-    offsets_path = directory / files["offsets"]["name"]
-    _check_file(tokens_path, files["tokens"], verify)
-    _check_file(offsets_path, files["offsets"], verify)
-    dtype_name = info["dtype"]
-    if dtype_name not in _DTYPE_NAMES:
-        raise DataError(f"{directory}: unknown token dtype {dtype_name!r} in the manifest; {_RERUN}")
-    dtype = _DTYPE_NAMES[dtype_name]
-    # An empty file cannot be memory-mapped.
-    empty = files["tokens"]["size"] == 0
-    tokens = np.zeros(0, dtype=dtype) if empty else np.memmap(tokens_path, dtype=dtype, mode="r")
-    offsets = np.fromfile(offsets_path, dtype="<i8").astype(np.int64, copy=False)
-    ok = (
-        len(offsets) == info["n_docs"] + 1
-        and len(tokens) == info["n_tokens"]
-        and offsets[0] == 0
-        and offsets[-1] == len(tokens)
-        and bool(np.all(np.diff(offsets) >= 0))
-    )
-    if not ok:
-        raise DataError(f"{offsets_path} does not describe {tokens_path}; {_RERUN}")
-    return TokenShard(tokens=tokens, offsets=offsets, n_bytes=int(info["n_bytes"]))
-
-
-def load_dataset(out_dir: str | Path, tokenizer: Any = None, verify: bool = True) -> PreparedDataset:
-    """Memory-map a dataset written by ``prepare_dataset``.
-
-    File sizes are always checked against the manifest (a truncated file
-    fails here, not mid-training); ``verify`` also checks every file's
-    sha256. With ``tokenizer``, its id must be the one the data was prepared
-    with.
-    """
-    root = Path(out_dir)
-    manifest_path = root / MANIFEST
-    if not manifest_path.is_file():
-        raise DataError(f"{root} is not a prepared dataset (no {MANIFEST}); run `mmrec data prepare` first")
-    try:
-        raw = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"cannot read {manifest_path}: {e}; {_RERUN}") from e
-    version = raw.get("format_version") if isinstance(raw, dict) else None
-    if version != FORMAT_VERSION:
-        raise DataError(
-            f"{manifest_path} has format version {version!r}; this mmrec reads version {FORMAT_VERSION}: {_RERUN}"
-        )
-    manifest = Manifest(raw)
-    manifest.path = root
-    try:
-        want = manifest["tokenizer"]["id"]
-        if tokenizer is not None and _tok_id(tokenizer) != want:
-            raise DataError(
-                f"{root} was prepared with tokenizer {want!r}, but the tokenizer given is {_tok_id(tokenizer)!r}; "
-                f"use the tokenizer in {root / 'tokenizer.json'} or prepare the data again with this one"
-            )
-        sources = {}
-        for entry in manifest["sources"].values():
-            directory = root / entry["name"]
-            shards = {s: _load_shard(directory, s, entry[s], verify) for s in SPLITS}
-            sources[entry["name"]] = PreparedSource(
-                name=entry["name"],
-                weight=float(entry["weight"]),
-                train=shards["train"],
-                val=shards["val"],
-                path=entry.get("path", ""),
-                text_field=entry.get("text_field", "text"),
-            )
-    except (KeyError, TypeError) as e:
-        raise DataError(f"{manifest_path} is malformed (missing {e}); {_RERUN}") from e
-    return PreparedDataset(manifest=manifest, sources=sources, path=root)

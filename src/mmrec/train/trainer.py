@@ -29,7 +29,7 @@ from mmrec import __version__
 from mmrec.config import ConfigError, MMRecConfig, TransformerConfig
 from mmrec.data.cache import cached_dataset, source_specs
 from mmrec.data.loader import StreamLoader, eval_windows
-from mmrec.data.prepare import PreparedDataset
+from mmrec.data.shards import PreparedDataset
 from mmrec.data.sources import DataError, SourceSpec
 from mmrec.models import MMRecLM, MMRecState, TransformerLM, matched_transformer_config
 from mmrec.tokenizer import load_tokenizer
