@@ -118,12 +118,12 @@ def test_gla_bf16_autocast_keeps_float32_state():
 
 def test_memory_write_and_read_gradcheck():
     from mmrec import MMRecConfig
-    from mmrec.layers import MemoryRead
+    from mmrec.layers import LongTermMemory
 
     cfg = MMRecConfig(
         vocab_size=16, d_model=8, n_heads=2, chunk_size=3, mem_slots=2, summary_window=2, d_mem=4, mem_heads=2
     )
-    layer = MemoryRead(cfg).double()
+    layer = LongTermMemory(cfg).double()
     layer.reset_gates()
     with torch.no_grad():
         for p in layer.parameters():

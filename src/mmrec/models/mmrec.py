@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from mmrec.config import MMRecConfig
 from mmrec.layers.basic import SwiGLU
-from mmrec.layers.memory import MemoryRead
+from mmrec.layers.memory import LongTermMemory
 from mmrec.layers.short_term import ShortTermMixer
 from mmrec.models.generation import GenerationMixin
 from mmrec.models.output import LMOutput, check_input_ids, lm_loss
@@ -20,7 +20,7 @@ from mmrec.ops.scan import accumulation_dtype
 
 
 class MMRecBlock(nn.Module):
-    """x += ShortTermMixer(norm x); x += MemoryRead(norm x); x += SwiGLU(norm x)."""
+    """x += ShortTermMixer(norm x); x += LongTermMemory(norm x); x += SwiGLU(norm x)."""
 
     def __init__(self, cfg: MMRecConfig) -> None:
         super().__init__()
@@ -28,7 +28,7 @@ class MMRecBlock(nn.Module):
         self.norm1 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.short_term = ShortTermMixer(cfg)
         self.norm2 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.memory = MemoryRead(cfg)
+        self.memory = LongTermMemory(cfg)
         self.norm3 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.d_ff)
 
@@ -42,18 +42,16 @@ class MMRecBlock(nn.Module):
         memory = st["memory"]
         if fresh:  # a copy: FSDP2 frees the gathered parameter after the block, and a state may outlive it
             memory = self.memory.memory_init.to(memory.dtype).expand_as(memory).clone()
-        y, memory, summaries, sequence, pending = self.memory(
-            self.norm2(x), memory, st["summaries"], st["sequence"], st["pending"], position
-        )
-        x = x + y
+        long_term = self.memory(self.norm2(x), memory, st["summaries"], st["sequence"], st["pending"], position)
+        x = x + long_term.y
         x = x + self.mlp(self.norm3(x))
         new = {
             "short": short,
             "conv": conv,
-            "memory": memory,
-            "summaries": summaries,
-            "sequence": sequence,
-            "pending": pending,
+            "memory": long_term.memory,
+            "summaries": long_term.summaries,
+            "sequence": long_term.sequence,
+            "pending": long_term.pending,
         }
         return x, new
 
@@ -114,7 +112,7 @@ class MMRecLM(nn.Module, GenerationMixin):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         state = self._zero_state(batch_size)
-        memory = torch.stack([blk.memory.memory_init.to(state.memory.dtype) for blk in self.layers])  # [L, S, dm]
+        memory = torch.stack([blk.memory.memory_init.to(state.memory.dtype) for blk in self.layers])  # [L, n_slots, dm]
         return dataclasses.replace(state, memory=memory.unsqueeze(1).expand_as(state.memory).clone())
 
     def _zero_state(self, batch_size: int) -> MMRecState:
