@@ -67,4 +67,4 @@ def tiny_train_config(corpus, root, **overrides):  # noqa: ANN001, ANN201
         eval_every=2,
         checkpoint_every=2,
     )
-    return TrainConfig(**{**base, **overrides})
+    return TrainConfig.from_flat({**base, **overrides})

@@ -188,13 +188,13 @@ def test_every_compare_preset_builds_for_training_and_speed(preset, tmp_path):
     """The small preset once trained four models for half an hour, then could not build gpt
     for its 32K speed measurement (the position table ate the matched parameter budget)."""
     from mmrec.compare import PRESETS, CompareOptions, _speed_config, check_buildable, model_configs
-    from mmrec.train.trainer import build_model
+    from mmrec.models import build_model
 
     configs = model_configs(CompareOptions(out=str(tmp_path), preset=preset))
     check_buildable(configs, PRESETS[preset])
     with torch.device("meta"):
-        trained = build_model(configs["gpt"], 257)
-        measured = build_model(_speed_config(configs["gpt"], PRESETS[preset]), 257)
+        trained = build_model(configs["gpt"].model)
+        measured = build_model(_speed_config(configs["gpt"], PRESETS[preset]))
     assert measured.config.d_ff == trained.config.d_ff, "a longer position table must not change the MLP"
     assert measured.config.max_seq_len > trained.config.max_seq_len >= 128
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import dataclass
 
@@ -10,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from mmrec.cliargs import add_dataclass_arguments, build_config, load_config_file
-from mmrec.config import ConfigError
+from mmrec.cli import build_parser
+from mmrec.cli.commands import train_config_from_args
+from mmrec.config import ConfigError, MMRecConfig, TransformerConfig
 from mmrec.data.loader import StreamLoader, eval_windows
 from mmrec.train.config import TrainConfig
 from mmrec.train.schedule import Curriculum, parse_count, parse_length_schedule, parse_mixture_schedule
@@ -79,27 +79,58 @@ def test_curriculum_keeps_tokens_per_step():
         Curriculum(512, 8, "", "0:zzz=1", {"a": 1.0})
 
 
+def _train_config(*argv: str) -> TrainConfig:
+    return train_config_from_args(build_parser().parse_args(["train", *argv]))
+
+
 def test_cli_flags_override_config_file(tmp_path):
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--config")
-    add_dataclass_arguments(parser, TrainConfig)
-    (tmp_path / "c.json").write_text(json.dumps({"max-steps": 7, "seq_len": 128, "data": ["x.txt"]}))
-    args = parser.parse_args(
-        ["--config", str(tmp_path / "c.json"), "--seq-len", "64", "--no-compile", "--window", "none"]
-    )
-    cfg = build_config(TrainConfig, args, load_config_file(args.config))
-    assert (cfg.max_steps, cfg.seq_len, cfg.data, cfg.compile, cfg.window) == (7, 64, ["x.txt"], False, None)
+    (tmp_path / "c.json").write_text(json.dumps({"max-steps": 7, "seq_len": 128, "data": ["x.txt"], "d_model": 64}))
+    cfg = _train_config("--config", str(tmp_path / "c.json"), "--seq-len", "64", "--no-compile", "--n-layers", "3")
+    assert (cfg.max_steps, cfg.seq_len, cfg.data, cfg.compile) == (7, 64, ["x.txt"], False)
+    assert isinstance(cfg.model, MMRecConfig) and (cfg.model.d_model, cfg.model.n_layers) == (64, 3)
     (tmp_path / "c.yaml").write_text("max_steps: 3\nlr: 0.01\n")
-    cfg = build_config(TrainConfig, parser.parse_args([]), load_config_file(tmp_path / "c.yaml"))
+    cfg = _train_config("--config", str(tmp_path / "c.yaml"))
     assert (cfg.max_steps, cfg.lr) == (3, 0.01)
     (tmp_path / "bad.json").write_text(json.dumps({"colour": 1}))
     with pytest.raises(ConfigError, match="unknown option.*colour"):
-        build_config(TrainConfig, parser.parse_args([]), load_config_file(tmp_path / "bad.json"))
+        _train_config("--config", str(tmp_path / "bad.json"))
     (tmp_path / "broken.json").write_text("{")
     with pytest.raises(ConfigError, match="not valid JSON"):
-        load_config_file(tmp_path / "broken.json")
+        _train_config("--config", str(tmp_path / "broken.json"))
     with pytest.raises(ConfigError, match="no such file"):
-        load_config_file(tmp_path / "missing.yaml")
+        _train_config("--config", str(tmp_path / "missing.yaml"))
+
+
+def test_config_file_values_are_converted_to_the_field_type(tmp_path):
+    # YAML 1.1 reads 1e-3 (no dot) as a string; the field's type decides, not the parser's guess.
+    (tmp_path / "c.yaml").write_text("lr: 1e-3\nmax_steps: '5'\ncompile: 'false'\nmodel:\n  d_model: 32\n")
+    cfg = _train_config("--config", str(tmp_path / "c.yaml"), "--n-heads", "2")
+    assert cfg.lr == 0.001 and isinstance(cfg.lr, float) and cfg.max_steps == 5 and cfg.compile is False
+    assert (cfg.model.d_model, cfg.model.n_heads) == (32, 2)  # a nested model mapping, merged with the flags
+    (tmp_path / "bad.yaml").write_text("lr: fast\n")
+    with pytest.raises(ConfigError, match="lr: expected a number, got 'fast'"):
+        _train_config("--config", str(tmp_path / "bad.yaml"))
+    (tmp_path / "steps.yaml").write_text("max_steps: 2.5\n")
+    with pytest.raises(ConfigError, match="max_steps: expected an integer"):
+        _train_config("--config", str(tmp_path / "steps.yaml"))
+
+
+def test_model_options_belong_to_their_architecture():
+    llama = _train_config("--arch", "transformer", "--preset", "llama", "--d-model", "64", "--n-heads", "2")
+    assert isinstance(llama.model, TransformerConfig) and llama.model.d_model == 64
+    # MM-Rec options describe the MM-Rec a matched baseline is sized to: more slots, a wider MLP.
+    more = _train_config("--arch", "transformer", "--d-model", "64", "--n-heads", "2", "--mem-slots", "256")
+    assert more.model.d_ff > llama.model.d_ff
+    with pytest.raises(ConfigError, match="preset: only for --arch transformer"):
+        _train_config("--preset", "gpt")
+    with pytest.raises(ConfigError, match="mem_slots: MM-Rec options"):
+        _train_config("--arch", "transformer", "--no-match-params", "--mem-slots", "8")
+    with pytest.raises(ConfigError, match="d_ff: a matched baseline"):
+        _train_config("--arch", "transformer", "--d-ff", "128")
+    assert _train_config("--arch", "transformer", "--no-match-params", "--d-ff", "128").model.d_ff == 128
+    # The saved config round-trips, model included.
+    again = TrainConfig.from_dict(json.loads(json.dumps(llama.to_dict())))
+    assert again == llama
 
 
 @pytest.mark.parametrize(
@@ -108,7 +139,7 @@ def test_cli_flags_override_config_file(tmp_path):
 )
 def test_train_config_rejects_values_that_cannot_work(field, value):
     with pytest.raises(ConfigError, match=field):
-        TrainConfig(**{field: value})
+        TrainConfig.from_flat({field: value})
 
 
 def test_carry_state_defaults_by_architecture():

@@ -469,7 +469,8 @@ def _fake_run(root: Path, corpus: Path) -> Path:
     from safetensors.torch import save_file
 
     from conftest import tiny_train_config
-    from mmrec.train.trainer import build_model
+    from mmrec.models import build_model
+    from mmrec.models.checkpoint import model_meta
 
     cfg = tiny_train_config(corpus, root)
     run = root / "run"
@@ -477,9 +478,10 @@ def _fake_run(root: Path, corpus: Path) -> Path:
         step_dir = run / f"step-{step:06d}"
         step_dir.mkdir(parents=True)
         torch.manual_seed(step)
-        save_file(build_model(cfg, 257).state_dict(), str(step_dir / "model.safetensors"))
+        model = build_model(cfg.model)
+        save_file(model.state_dict(), str(step_dir / "model.safetensors"))
         ByteTokenizer().save(step_dir / "tokenizer.json")
-        meta = {"step": step, "tokens": step * 128, "config": cfg.to_dict()}
+        meta = model_meta(model, kind="train", step=step, trained_seq_len=32, tokens=step * 128, config=cfg.to_dict())
         (step_dir / "meta.json").write_text(json.dumps(meta))
     rows = ["step,tokens,val_bpb,val_loss", "1,128,8.1,5.6", "2,256,8.0,5.55", "3,384,7.9,5.5", "4,512,7.8,5.4"]
     (run / "eval.csv").write_text("\n".join(rows) + "\n")

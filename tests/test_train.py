@@ -221,20 +221,26 @@ def test_bad_input_fails_before_any_work(corpus, tmp_path):
 
 
 def test_mmrec_options_reach_the_model():
-    from mmrec.train.trainer import build_model
+    from mmrec.models import build_model
 
-    model = build_model(TrainConfig(d_model=32, n_heads=2, decay_max=0.9999999, selective_write=True), 257)
+    def build(**values):  # noqa: ANN003, ANN202
+        return build_model(TrainConfig.from_flat(values).model)
+
+    model = build(d_model=32, n_heads=2, decay_max=0.9999999, selective_write=True)
     assert model.config.selective_write is True and model.config.decay_max == 0.9999999
     assert model.config.decay_min == 0.9
-    assert build_model(TrainConfig(d_model=32, n_heads=2, decay_max=0.5), 257).config.decay_min == 0.5
-    sparse = TrainConfig(d_model=32, n_heads=2, selective_write=True, sparse_write=True)
-    assert build_model(sparse, 257).config.sparse_write is True
+    assert build(d_model=32, n_heads=2, decay_max=0.5).config.decay_min == 0.5
+    assert build(d_model=32, n_heads=2, selective_write=True, sparse_write=True).config.sparse_write is True
+    # Options no command could set before: every MMRecConfig field is a model option now.
+    deep = build(d_model=32, n_heads=2, d_mem=48, mem_heads=3, conv_size=2, decay_tau=2.0)
+    assert (deep.config.d_mem, deep.config.mem_heads, deep.config.conv_size, deep.config.decay_tau) == (48, 3, 2, 2.0)
 
 
 def test_carry_windows_bounds_the_age_of_a_carried_state(corpus, tmp_path):
     assert TrainConfig().carry_windows == 0
-    assert TrainConfig(selective_write=True, sparse_write=True).carry_windows == 8  # sparse heads can keep a state
-    assert TrainConfig(selective_write=True).carry_windows == 8
+    sparse = TrainConfig.from_flat({"selective_write": True, "sparse_write": True})
+    assert sparse.carry_windows == 8  # sparse heads can keep a state
+    assert TrainConfig.from_flat({"selective_write": True}).carry_windows == 8
     with pytest.raises(ConfigError, match="carry_windows"):
         TrainConfig(carry_windows=-1)
     ages = {}

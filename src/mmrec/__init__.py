@@ -2,23 +2,28 @@
 
 from mmrec.config import ConfigError, MMRecConfig, TransformerConfig
 from mmrec.models import (
+    CheckpointError,
     KVCache,
     LMOutput,
+    LoadedModel,
     MMRecLM,
     MMRecState,
     StateError,
     TransformerLM,
+    build_model,
+    load,
     matched_transformer_config,
 )
 from mmrec.tokenizer import ByteTokenizer
-
-__version__ = "0.1.0"
+from mmrec.version import __version__
 
 __all__ = [
     "ByteTokenizer",
+    "CheckpointError",
     "ConfigError",
     "KVCache",
     "LMOutput",
+    "LoadedModel",
     "MMRecConfig",
     "MMRecLM",
     "MMRecState",
@@ -26,5 +31,7 @@ __all__ = [
     "TransformerConfig",
     "TransformerLM",
     "__version__",
+    "build_model",
+    "load",
     "matched_transformer_config",
 ]

@@ -19,8 +19,10 @@ from typing import Any
 
 import torch
 
-from mmrec.config import ConfigError
+from mmrec.config import ConfigError, ModelConfig, TransformerConfig
+from mmrec.data.cache import source_specs
 from mmrec.train.config import TrainConfig
+from mmrec.utils.device import autocast_for, resolve_device
 
 MODELS: tuple[tuple[str, str, str], ...] = (
     # (key, arch, preset)
@@ -168,24 +170,27 @@ def model_configs(opts: CompareOptions) -> dict[str, TrainConfig]:
     for key, arch, style in MODELS:
         if key not in opts.models:
             continue
-        kw = {**preset.train, **opts.overrides}
-        configs[key] = TrainConfig(
-            data=list(opts.data),
-            out=str(out / key),
-            arch=arch,
-            preset=style,
-            seed=opts.seed,
-            device=opts.device,
-            window=preset.mistral_window if style == "mistral" and arch == "transformer" else None,
-            data_cache=opts.data_cache,
-            match_params=True,
-            **kw,
-        )
+        values: dict[str, Any] = {
+            **preset.train,
+            **opts.overrides,
+            "data": list(opts.data),
+            "out": str(out / key),
+            "arch": arch,
+            "seed": opts.seed,
+            "device": opts.device,
+            "data_cache": opts.data_cache,
+            "match_params": True,
+        }
+        if arch == "transformer":
+            values["preset"] = style
+            if style == "mistral":
+                values["window"] = preset.mistral_window
+        configs[key] = TrainConfig.from_flat(values)
     return configs
 
 
 def _train_all(configs: dict[str, TrainConfig], log: Any) -> dict[str, dict[str, Any]]:
-    from mmrec.train.checkpoint import list_checkpoints
+    from mmrec.models.checkpoint import list_checkpoints
     from mmrec.train.trainer import Trainer
 
     summaries = {}
@@ -203,24 +208,17 @@ def _train_all(configs: dict[str, TrainConfig], log: Any) -> dict[str, dict[str,
     return summaries
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _measure_speed(
     configs: dict[str, TrainConfig], preset: Preset, device: torch.device, log: Any
 ) -> dict[str, dict[str, Any]]:
     from mmrec.evals.speed import decode_latency, fit_exponent, measure_isolated, train_throughput
     from mmrec.models import TransformerLM
-    from mmrec.tokenizer import load_tokenizer
 
     dtype = torch.bfloat16 if device.type == "cuda" else None
     results: dict[str, dict[str, Any]] = {}
     for key, cfg in configs.items():
-        build = _Builder(_speed_config(cfg, preset), load_tokenizer(cfg.tokenizer).vocab_size)
-        vocab = build.vocab
+        build = _Builder(_speed_config(cfg, preset))
+        vocab = build.cfg.vocab_size
         rows: list[dict[str, Any]] = []
         for T in preset.speed_lengths:
             kwargs = dict(seq_len=T, tokens=max(preset.speed_tokens, T), steps=preset.speed_steps, vocab=vocab)
@@ -263,24 +261,27 @@ def _measure_speed(
     return results
 
 
-def _speed_config(cfg: TrainConfig, preset: Preset) -> TrainConfig:
-    """The trained model's config with room in gpt's position table for the longest measurement."""
+def _speed_config(cfg: TrainConfig, preset: Preset) -> ModelConfig:
+    """The trained model's config with room in gpt's position table for the longest measurement (rows that
+    are never trained cost no compute)."""
+    model = cfg.model
+    assert model is not None
     longest = max(preset.speed_lengths + preset.decode_contexts) + preset.decode_steps + 8
-    return dataclasses.replace(cfg, eval_seq_len=longest)
+    if isinstance(model, TransformerConfig) and model.preset == "gpt" and (model.max_seq_len or 0) < longest:
+        return dataclasses.replace(model, max_seq_len=longest)
+    return model
 
 
 def check_buildable(configs: dict[str, TrainConfig], preset: Preset) -> None:
     """Build every model as training and the speed measurements will, on the meta device (no
     memory, no time), so that a shape that cannot work fails before the models train."""
-    from mmrec.tokenizer import load_tokenizer
-    from mmrec.train.trainer import build_model
+    from mmrec.models import build_model
 
     for key, cfg in configs.items():
-        vocab = load_tokenizer(cfg.tokenizer).vocab_size
-        for what, c in (("training", cfg), ("the speed measurements", _speed_config(cfg, preset))):
+        for what, c in (("training", cfg.model), ("the speed measurements", _speed_config(cfg, preset))):
             try:
                 with torch.device("meta"):
-                    build_model(c, vocab)
+                    build_model(c)  # type: ignore[arg-type]
             except (ValueError, RuntimeError) as e:
                 raise ConfigError(f"{LABELS[key]}: cannot build the model for {what}: {e}") from e
 
@@ -289,14 +290,13 @@ def check_buildable(configs: dict[str, TrainConfig], preset: Preset) -> None:
 class _Builder:
     """A picklable model factory (child processes rebuild the model from the config)."""
 
-    cfg: TrainConfig
-    vocab: int
+    cfg: ModelConfig
 
     def __call__(self) -> torch.nn.Module:
-        from mmrec.train.trainer import build_model
+        from mmrec.models import build_model
 
         torch.manual_seed(0)
-        return build_model(self.cfg, self.vocab)
+        return build_model(self.cfg)
 
 
 def _state_bytes_at(model: torch.nn.Module, context: int) -> dict[str, Any]:
@@ -318,8 +318,6 @@ def _bpb_by_position(
     configs: dict[str, TrainConfig], preset: Preset, device: torch.device, log: Any
 ) -> dict[str, dict[str, Any]]:
     """Bits per byte by position on the longest validation documents, for every model."""
-    import contextlib
-
     from mmrec.data.cache import cached_dataset, source_specs
     from mmrec.evals.bpb import evaluate_bpb
     from mmrec.evals.common import load_checkpoint
@@ -339,7 +337,7 @@ def _bpb_by_position(
             pool = [src.val.doc(i) for src in dataset.sources.values() for i in range(src.val.n_docs)]
             pool.sort(key=len, reverse=True)
             docs = [d[: preset.bpb_max_tokens].tolist() for d in pool[: preset.bpb_docs]]
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+        autocast = autocast_for(device)
         cut = min(2048, max(64, lm.trained_seq_len))
         results[key] = evaluate_bpb(
             lm.model, docs, lm.tokenizer.token_bytes(), lm.trained_seq_len, cut=cut, device=device, autocast=autocast
@@ -361,10 +359,14 @@ def run_compare(opts: CompareOptions, log: Any = print) -> Path:
 
     configs = model_configs(opts)
     preset = PRESETS[opts.preset]
-    out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
-    device = _device(opts.device)
+    device = resolve_device(opts.device)
     check_buildable(configs, preset)
+    # The data is checked before anything is created: a missing path fails here, with no output folder made.
+    source_specs(opts.data, "text")
+    out = Path(opts.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out: {out} is a file; give a folder")
+    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     summaries = _train_all(configs, log)
     train_seconds = time.perf_counter() - t0

@@ -13,15 +13,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from mmrec.utils.errors import ConfigError
+
+__all__ = ["ConfigError", "MMRecConfig", "ModelConfig", "TransformerConfig"]
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
-    """A configuration value outside its allowed range; the message names the field."""
-
-
-def _doc(text: str, **kw: Any) -> Any:
-    return field(metadata={"help": text}, **kw)
+def _doc(text: str, *, choices: tuple[str, ...] | None = None, group: str | None = None, **kw: Any) -> Any:
+    """A dataclass field with its one-line doc (its allowed values, its --help group), from which --help is
+    generated."""
+    metadata: dict[str, Any] = {"help": text}
+    if choices is not None:
+        metadata["choices"] = choices
+    if group is not None:
+        metadata["group"] = group
+    return field(metadata=metadata, **kw)
 
 
 def _require(ok: bool, name: str, msg: str) -> None:
@@ -80,7 +87,9 @@ class MMRecConfig(ConfigMixin):
     mem_heads: int | None = _doc("Heads of the memory write and read attention; default n_heads.", default=None)
     conv_size: int = _doc("Causal depthwise convolution before q/k/v (0 disables).", default=4)
     d_ff: int | None = _doc("Hidden width of the SwiGLU; default 8/3 d_model rounded up to 64.", default=None)
-    decay_min: float = _doc("Initial per-step decay of the fastest-forgetting head.", default=0.9)
+    decay_min: float | None = _doc(
+        "Initial per-step decay of the fastest-forgetting head; default min(0.9, decay_max).", default=None
+    )
     decay_max: float = _doc("Initial per-step decay of the longest-memory head.", default=0.999)
     decay_tau: float = _doc("Temperature of the decay: log g = logsigmoid(W x + b) / tau.", default=1.0)
     selective_write: bool = _doc(
@@ -120,6 +129,8 @@ class MMRecConfig(ConfigMixin):
             self.d_ff = _round_up(8 * self.d_model / 3, 64)
         if self.scan_chunk is None:
             self.scan_chunk = self.chunk_size
+        if self.decay_min is None and isinstance(self.decay_max, (int, float)):
+            self.decay_min = min(0.9, self.decay_max)
         _positive(self, "d_mem", "mem_heads", "d_ff", "scan_chunk")
         _require(
             self.d_model % self.n_heads == 0,
@@ -137,7 +148,9 @@ class MMRecConfig(ConfigMixin):
             f"must be an integer >= 0, got {self.conv_size!r}",
         )
         _require(
-            0.0 < self.decay_min <= self.decay_max < 1.0,
+            isinstance(self.decay_min, (int, float))
+            and isinstance(self.decay_max, (int, float))
+            and 0.0 < self.decay_min <= self.decay_max < 1.0,
             "decay_min/decay_max",
             f"need 0 < decay_min <= decay_max < 1, got {self.decay_min}, {self.decay_max}",
         )
@@ -174,7 +187,7 @@ class TransformerConfig(ConfigMixin):
     SwiGLU, no biases. mistral: llama with sliding-window attention.
     """
 
-    preset: str = _doc("Style: gpt, llama or mistral.", default="llama")
+    preset: str = _doc("Style: gpt, llama or mistral.", default="llama", choices=PRESETS)
     vocab_size: int = _doc("Token ids are 0 .. vocab_size-1.", default=257)
     d_model: int = _doc("Width of the residual stream.", default=256)
     n_layers: int = _doc("Number of blocks.", default=4)
@@ -184,7 +197,7 @@ class TransformerConfig(ConfigMixin):
         "Longest context: the learned position table of gpt (default 1024); RoPE presets only record it (32768).",
         default=None,
     )
-    window: int | None = _doc("Sliding attention window (mistral only; default 4096).", default=None)
+    window: int | None = _doc("Sliding attention window of the mistral preset (default 4096).", default=None)
     rope_theta: float = _doc("RoPE base frequency.", default=10000.0)
     norm_eps: float = _doc("Epsilon of the norms.", default=1e-5)
     init_std: float = _doc("Standard deviation of the weight initialisation.", default=0.02)
@@ -216,3 +229,6 @@ class TransformerConfig(ConfigMixin):
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+
+ModelConfig = MMRecConfig | TransformerConfig

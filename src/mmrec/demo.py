@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mmrec.config import MMRecConfig
+from mmrec.config import MMRecConfig, _doc, _positive, _require
 from mmrec.data.builtin import builtin_documents
 from mmrec.models import MMRecLM, matched_transformer_config
 from mmrec.tokenizer import ByteTokenizer
@@ -16,10 +16,14 @@ from mmrec.utils.fmt import human_bytes
 
 @dataclass
 class DemoOptions:
-    tokens: int = 65536
-    window: int = 4096
-    seed: int = 0
-    generate: int = 48
+    tokens: int = _doc("Tokens to stream.", default=65536)
+    stream_window: int = _doc("Tokens per forward call when streaming.", default=4096)
+    seed: int = _doc("Random seed.", default=0)
+    generate: int = _doc("Bytes to generate at the end.", default=48)
+
+    def __post_init__(self) -> None:
+        _positive(self, "tokens", "stream_window")
+        _require(self.generate >= 0, "generate", f"must be >= 0, got {self.generate}")
 
 
 def run_demo(opts: DemoOptions) -> dict[str, float]:
@@ -37,13 +41,13 @@ def run_demo(opts: DemoOptions) -> dict[str, float]:
         if len(ids) >= opts.tokens:
             break
     stream = torch.tensor(ids[: opts.tokens]).unsqueeze(0)
-    print(f"streaming {stream.size(1):,} tokens of the Python standard library in windows of {opts.window:,}")
+    print(f"streaming {stream.size(1):,} tokens of the Python standard library in windows of {opts.stream_window:,}")
 
     state = model.init_state(1)
     nll, t0 = 0.0, time.perf_counter()
     with torch.inference_mode():
-        for start in range(0, stream.size(1), opts.window):
-            window = stream[:, start : start + opts.window]
+        for start in range(0, stream.size(1), opts.stream_window):
+            window = stream[:, start : start + opts.stream_window]
             out = model(window, state=state)
             state = out.state
             targets = stream[:, start + 1 : start + window.size(1) + 1]

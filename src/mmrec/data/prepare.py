@@ -332,13 +332,13 @@ def prepare_dataset(
         bar.close()
         if hasattr(tokenizer, "save"):
             tokenizer.save(tmp / "tokenizer.json")
-        import mmrec
+        from mmrec.version import __version__
 
         seconds = time.perf_counter() - start
         n_bytes = sum(e[s]["n_bytes"] for e in entries for s in SPLITS)
         manifest = Manifest(
             format_version=FORMAT_VERSION,
-            mmrec_version=getattr(mmrec, "__version__", "unknown"),
+            mmrec_version=__version__,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             fingerprint=fingerprint,
             tokenizer={

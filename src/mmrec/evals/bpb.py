@@ -229,12 +229,13 @@ def run(
 
     from mmrec.data.cache import cached_dataset, source_specs
     from mmrec.data.sources import SkipStats, iter_documents
-    from mmrec.evals.common import load_checkpoint, write_results
+    from mmrec.evals.common import load_checkpoint, run_data_settings, write_results
+    from mmrec.utils.device import autocast_for, resolve_device
 
-    dev = torch.device(
-        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-    )
+    dev = resolve_device(device)
     lm = load_checkpoint(checkpoint, dev)
+    if not data:
+        run_data_settings(lm)  # fails now, before any scoring, for a checkpoint without a validation split
     tok = lm.tokenizer
     # A Transformer scored with more context than it was trained on measures extrapolation, not context use.
     cut = cut if cut is not None else min(2048, lm.trained_seq_len)
@@ -252,8 +253,8 @@ def run(
                     if max_docs and count >= max_docs:
                         return
         else:
-            cfg = lm.config
-            dataset = cached_dataset(source_specs(cfg.data, cfg.text_field), tok, cfg.val_fraction, cfg.data_cache)
+            sources, text_field, val_fraction, data_cache = run_data_settings(lm)
+            dataset = cached_dataset(source_specs(sources, text_field), tok, val_fraction, data_cache)
             for src in dataset.sources.values():
                 for i in range(src.val.n_docs):
                     yield src.val.doc(i)[: max_tokens or None].tolist()
@@ -261,7 +262,7 @@ def run(
                     if max_docs and count >= max_docs:
                         return
 
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
+    autocast = autocast_for(dev)
     results = evaluate_bpb(lm.model, documents(), tok.token_bytes(), lm.trained_seq_len, cut, window, dev, autocast)
     results.update(
         checkpoint=str(lm.path),

@@ -54,6 +54,7 @@ class ShortTermMixer(nn.Module):
         self.norm_eps = cfg.norm_eps
         # Spread the initial decays over time scales, geometrically in 1/(1-g):
         # the heads start with memories from ~1/(1-decay_min) to ~1/(1-decay_max) tokens.
+        assert cfg.decay_min is not None  # filled in by MMRecConfig
         horizons = torch.logspace(math.log10(1 / (1 - cfg.decay_min)), math.log10(1 / (1 - cfg.decay_max)), H)
         gamma = 1 - 1 / horizons
         # logsigmoid(b) / tau = log(gamma)  =>  b = logit(gamma ** tau)

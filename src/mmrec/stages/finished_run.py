@@ -9,14 +9,16 @@ from typing import Any
 
 from mmrec.data.cache import cached_dataset, source_specs
 from mmrec.data.shards import PreparedDataset
+from mmrec.models.checkpoint import LoadedModel, list_checkpoints, load, run_data_settings
 from mmrec.stages.tracker import REFS_FILE, StageTracker
 
 
-def run_dataset(cfg: Any, tokenizer: Any) -> PreparedDataset:
-    """The prepared dataset of a run's config, where the trainer keeps it (prepared there, quietly, when missing)."""
-    specs = source_specs(cfg.data, cfg.text_field)
+def run_dataset(loaded: LoadedModel) -> PreparedDataset:
+    """The prepared dataset of a training run, where the trainer keeps it (prepared there, quietly, when missing)."""
+    data, text_field, val_fraction, data_cache = run_data_settings(loaded)
+    specs = source_specs(data, text_field)
     return cached_dataset(
-        specs, tokenizer, cfg.val_fraction, cfg.data_cache, log=lambda _: None, progress=False, verify=False
+        specs, loaded.tokenizer, val_fraction, data_cache, log=lambda _: None, progress=False, verify=False
     )
 
 
@@ -46,25 +48,22 @@ def track_run(run_dir: str | Path, device: str = "cpu", **tracker_kwargs: Any) -
     directory (``stage_refs.json``), so a second call, or the trainer's own
     tracker, reuses them.
     """
-    from mmrec.evals.common import load_checkpoint
-    from mmrec.train import checkpoint as ckpt
-
     run = Path(run_dir)
-    found = ckpt.list_checkpoints(run)
+    found = list_checkpoints(run)
     if not found:
         raise ValueError(f"{run} holds no complete checkpoint (step-NNNNNN directories) of `mmrec train`")
     evals = _read_eval_csv(run / "eval.csv")
-    first = load_checkpoint(found[0], device)
+    first = load(found[0], device)
     cfg, tokenizer = first.config, first.tokenizer
-    dataset = run_dataset(cfg, tokenizer)
-    kwargs = {"seed": cfg.seed, "cache_path": run / REFS_FILE, "device": device, **tracker_kwargs}
-    tracker = StageTracker(dataset, tokenizer, cfg.eval_seq_len or first.trained_seq_len, **kwargs)
+    dataset = run_dataset(first)
+    kwargs = {"seed": cfg.get("seed", 0), "cache_path": run / REFS_FILE, "device": device, **tracker_kwargs}
+    tracker = StageTracker(dataset, tokenizer, cfg.get("eval_seq_len") or first.trained_seq_len, **kwargs)
     for step, row in sorted(evals.items()):
         n_tokens = int(row["tokens"]) if math.isfinite(row["tokens"]) else 0
         tracker.record_eval(step, n_tokens, row["val_loss"], row["val_bpb"])
     for path in found:
-        lm = first if path == found[0] else load_checkpoint(path, device)
-        meta = ckpt.read_json(path / "meta.json")
+        lm = first if path == found[0] else load(path, device)
+        meta = lm.meta
         row = evals.get(lm.step, {})
         tracker.measure(
             lm.model,

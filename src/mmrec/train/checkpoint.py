@@ -1,12 +1,12 @@
-"""Checkpoint directories: written under a temporary name, then renamed.
+"""What a training checkpoint adds to the model checkpoint of :mod:`mmrec.models.checkpoint`.
 
     out/step-000123/
-        model.safetensors      weights (never pickled)
+        model.safetensors      weights (never pickled)          } the format every
+        tokenizer.json         the tokenizer of the run         } command writes
+        meta.json              model config, step, tokens seen, training config - written last
         optimizer.pt           AdamW state (loaded with weights_only=True)
         state-rank0.safetensors  carried recurrent states of rank 0's streams
         rank0.json             data cursor and RNG states of rank 0
-        tokenizer.json         the tokenizer of the run
-        meta.json              step, tokens seen, config - written last
 
 A directory counts as complete only under its final name and with meta.json;
 ``--resume auto`` ignores anything else (a half-written checkpoint from a
@@ -15,38 +15,35 @@ killed run) and says so.
 
 from __future__ import annotations
 
-import json
-import os
 import random
-import re
-import shutil
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-STEP_DIR = re.compile(r"^step-(\d{6,})$")
+from mmrec.models.checkpoint import (
+    begin,
+    commit,
+    is_complete,
+    list_checkpoints,
+    read_json,
+    step_dir_name,
+    write_json,
+)
 
-
-def step_dir_name(step: int) -> str:
-    return f"step-{step:06d}"
-
-
-def is_complete(path: Path) -> bool:
-    return bool(STEP_DIR.match(path.name)) and (path / "meta.json").is_file() and (path / "model.safetensors").is_file()
-
-
-def list_checkpoints(out: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
-    if not out.is_dir():
-        return []
-    found = [p for p in out.iterdir() if p.is_dir() and STEP_DIR.match(p.name)]
-    complete = [p for p in found if is_complete(p)]
-    for p in sorted(set(found) - set(complete)):
-        warnings.warn(f"ignoring incomplete checkpoint {p} (no meta.json or weights)", stacklevel=2)
-    return sorted(complete, key=lambda p: int(STEP_DIR.match(p.name).group(1)))  # type: ignore[union-attr]
+__all__ = [
+    "begin",
+    "commit",
+    "find_resume",
+    "is_complete",
+    "list_checkpoints",
+    "read_json",
+    "rng_state",
+    "set_rng_state",
+    "step_dir_name",
+    "write_json",
+]
 
 
 def find_resume(out: Path, resume: str) -> Path | None:
@@ -60,44 +57,6 @@ def find_resume(out: Path, resume: str) -> Path | None:
     if not is_complete(path):
         raise ValueError(f"--resume: {path} is not a complete checkpoint (no meta.json or model.safetensors)")
     return path
-
-
-def begin(out: Path, step: int) -> Path:
-    """A fresh temporary directory for the checkpoint of ``step``."""
-    tmp = out / f".{step_dir_name(step)}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def commit(tmp: Path, meta: dict[str, Any], keep: int) -> Path:
-    """Write meta.json, rename into place, drop all but the newest ``keep``."""
-    _write_json(tmp / "meta.json", meta)
-    final = tmp.parent / tmp.name[1:].removesuffix(".tmp")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in list_checkpoints(final.parent)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, data: Any) -> None:
-    _write_json(path, data)
-
-
-def read_json(path: Path) -> Any:
-    return json.loads(path.read_text())
 
 
 def rng_state() -> dict[str, Any]:

@@ -8,31 +8,12 @@ fewer sequences per step.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
 from mmrec.config import ConfigError
+from mmrec.utils.counts import check_stages, parse_count, parse_length_schedule
 
-_SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}
-
-
-def parse_count(text: str, what: str) -> int:
-    """'2M' -> 2_000_000; '1.5k' -> 1500."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGbB]?)\s*", text)
-    if not m:
-        raise ConfigError(f"{what}: cannot read {text!r} as a count (use e.g. 512, 64K, 2M)")
-    return int(float(m.group(1)) * _SUFFIX[m.group(2).lower()])
-
-
-def parse_length_schedule(spec: str) -> list[tuple[int, int]]:
-    """'0:256,1M:1024' -> [(0, 256), (1000000, 1024)], sorted, starting at 0."""
-    stages = []
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        if ":" not in part:
-            raise ConfigError(f"seq_len_schedule: stage {part!r} must be TOKENS:LENGTH")
-        at, length = part.split(":", 1)
-        stages.append((parse_count(at, "seq_len_schedule"), parse_count(length, "seq_len_schedule")))
-    return _check_stages(stages, "seq_len_schedule")
+__all__ = ["Curriculum", "Stage", "parse_count", "parse_length_schedule", "parse_mixture_schedule", "penalty_ramp"]
 
 
 def parse_mixture_schedule(spec: str) -> list[tuple[int, dict[str, float]]]:
@@ -55,16 +36,7 @@ def parse_mixture_schedule(spec: str) -> list[tuple[int, dict[str, float]]]:
         if not any(weights.values()):
             raise ConfigError(f"mixture_schedule: stage {part!r} gives every source weight 0")
         stages.append((parse_count(at, "mixture_schedule"), weights))
-    return _check_stages(stages, "mixture_schedule")
-
-
-def _check_stages(stages: list, what: str) -> list:
-    stages.sort(key=lambda s: s[0])
-    if stages and stages[0][0] != 0:
-        raise ConfigError(f"{what}: the first stage must start at 0 tokens")
-    if len({s[0] for s in stages}) != len(stages):
-        raise ConfigError(f"{what}: two stages start at the same token count")
-    return stages
+    return check_stages(stages, "mixture_schedule")
 
 
 @dataclass(frozen=True)

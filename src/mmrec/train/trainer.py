@@ -9,7 +9,6 @@ DDP (gloo on CPU, nccl on CUDA) or FSDP2.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime as dt
 import json
 import math
@@ -23,15 +22,15 @@ from typing import Any, cast
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
 
-from mmrec import __version__
-from mmrec.config import ConfigError, MMRecConfig, TransformerConfig
+from mmrec.config import ConfigError
 from mmrec.data.cache import cached_dataset, source_specs
 from mmrec.data.loader import StreamLoader, eval_windows
 from mmrec.data.shards import PreparedDataset
 from mmrec.data.sources import DataError, SourceSpec
-from mmrec.models import MMRecLM, MMRecState, TransformerLM, matched_transformer_config
+from mmrec.models import MMRecLM, MMRecState, TransformerLM, build_model
+from mmrec.models import checkpoint as model_ckpt
+from mmrec.models.factory import label
 from mmrec.tokenizer import load_tokenizer
 from mmrec.train import checkpoint as ckpt
 from mmrec.train.config import TrainConfig
@@ -49,8 +48,10 @@ from mmrec.train.distributed import (
     wrap_model,
 )
 from mmrec.train.metrics import MetricsWriter
+from mmrec.train.optim import clip_gradients, cosine_lr, make_optimizer, set_lr
 from mmrec.train.schedule import Curriculum, penalty_ramp
 from mmrec.utils.cpu import tune_glibc_malloc
+from mmrec.utils.device import autocast_for, resolve_device
 from mmrec.utils.fmt import human_time
 
 LN2 = math.log(2.0)
@@ -62,18 +63,7 @@ RESUME_MUST_MATCH = (
     "val_fraction",
     "tokenizer",
     "arch",
-    "preset",
-    "d_model",
-    "n_layers",
-    "n_heads",
-    "chunk_size",
-    "mem_slots",
-    "summary_window",
-    "decay_max",
-    "selective_write",
-    "sparse_write",
-    "window",
-    "match_params",
+    "model",  # the whole model config
     "seq_len",
     "batch_size",
     "grad_accum",
@@ -87,48 +77,6 @@ RESUME_MUST_MATCH = (
 
 class TrainingError(RuntimeError):
     """The run cannot go on; the message says why and what was kept."""
-
-
-def build_model(cfg: TrainConfig, vocab_size: int) -> nn.Module:
-    """The model of a training config (MM-Rec, or a Transformer sized like it)."""
-    mm_cfg = MMRecConfig(
-        vocab_size=vocab_size,
-        d_model=cfg.d_model,
-        n_layers=cfg.n_layers,
-        n_heads=cfg.n_heads,
-        chunk_size=cfg.chunk_size,
-        mem_slots=cfg.mem_slots,
-        summary_window=cfg.summary_window,
-        decay_min=min(0.9, cfg.decay_max),
-        decay_max=cfg.decay_max,
-        selective_write=cfg.selective_write,
-        sparse_write=cfg.sparse_write,
-    )
-    if cfg.arch == "mmrec":
-        return MMRecLM(mm_cfg)
-    kwargs: dict[str, Any] = dict(
-        preset=cfg.preset,
-        vocab_size=vocab_size,
-        d_model=cfg.d_model,
-        n_layers=cfg.n_layers,
-        n_heads=cfg.n_heads,
-        window=cfg.window,
-    )
-    if cfg.preset == "gpt":  # a learned position table as long as the longest training window
-        kwargs["max_seq_len"] = Curriculum(
-            cfg.seq_len, cfg.batch_size, cfg.seq_len_schedule, "", {"x": 1.0}
-        ).max_seq_len
-    if cfg.match_params:
-        with torch.device("meta"):
-            target = MMRecLM(mm_cfg).num_parameters()
-        t_cfg = matched_transformer_config(target, **kwargs)
-    else:
-        t_cfg = TransformerConfig(**kwargs)
-    if cfg.preset == "gpt" and (cfg.eval_seq_len or 0) > (t_cfg.max_seq_len or 0):
-        # The table grows to the evaluation length after matching: rows past the training
-        # length are never trained and cost no compute, so they must not shrink the MLP.
-        t_cfg = dataclasses.replace(t_cfg, max_seq_len=cfg.eval_seq_len)
-    return TransformerLM(t_cfg)
 
 
 class Trainer:
@@ -149,10 +97,8 @@ class Trainer:
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
             why = "a CUDA device is available" if device.type == "cuda" else "no CUDA device found"
         else:
-            device = torch.device(want)
+            device = resolve_device(want)
             why = "--device"
-            if device.type == "cuda" and not torch.cuda.is_available():
-                raise ConfigError("device: cuda was requested but torch sees no CUDA device")
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         dtype_opt = self.cfg.dtype
@@ -205,7 +151,10 @@ class Trainer:
             )
         if resume_from is not None:
             saved = TrainConfig.from_dict(ckpt.read_json(resume_from / "meta.json")["config"])
-            diff = [k for k in RESUME_MUST_MATCH if getattr(saved, k) != getattr(cfg, k)]
+            diff = [k for k in RESUME_MUST_MATCH if k != "model" and getattr(saved, k) != getattr(cfg, k)]
+            if saved.arch == cfg.arch and saved.model != cfg.model:  # name the model fields that differ
+                old, new = saved.model.to_dict(), cfg.model.to_dict()  # type: ignore[union-attr]
+                diff += [k for k in new if old.get(k) != new[k]] or ["model"]
             if diff:
                 raise ConfigError(
                     f"resume: {resume_from} was trained with other settings for "
@@ -235,13 +184,18 @@ class Trainer:
                 f"batch_size: {cfg.batch_size} sequences cannot be split over {self.dist.world_size} processes"
             )
         self._prepare_data()
+        if cfg.model is None or cfg.model.vocab_size != self.tokenizer.vocab_size:
+            raise ConfigError(
+                f"model: vocab_size {getattr(cfg.model, 'vocab_size', None)} does not match the tokenizer's "
+                f"{self.tokenizer.vocab_size} (build the config with TrainConfig.from_flat or resolve_model)"
+            )
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             cfg.save(self.out / "config.json")
             self.tokenizer.save(self.out / "tokenizer.json")
 
         torch.manual_seed(cfg.seed)
-        model = build_model(cfg, self.tokenizer.vocab_size).to(self.device)
+        model = build_model(cfg.model).to(self.device)
         n_params = sum(p.numel() for p in model.parameters())
         self.model = wrap_model(
             model, self.dist, self.device, cfg.fsdp, find_unused=cfg.arch == "mmrec" and bool(cfg.carry_state)
@@ -250,11 +204,7 @@ class Trainer:
         if cfg.compile:
             self.model = torch.compile(self.model)  # type: ignore[assignment]
         # Taken after wrapping: DDP and compile expose the same tensors, FSDP2 the sharded ones.
-        params = [
-            {"params": [p for p in self.model.parameters() if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-            {"params": [p for p in self.model.parameters() if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        self.opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=self.device.type == "cuda")
+        self.opt = make_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), self.device)
 
         names = sorted(self.dataset.sources)
         weights = {s.name or "": s.weight for s in self.specs}
@@ -303,7 +253,7 @@ class Trainer:
             self.out, enabled=self.dist.is_main, resume_step=self.step if resume_from is not None else None
         )
 
-        arch = "MM-Rec" if cfg.arch == "mmrec" else f"Transformer ({cfg.preset})"
+        arch = "MM-Rec" if cfg.arch == "mmrec" else f"Transformer ({label(cfg.model).split('-', 1)[1]})"
         self.log(
             f"{arch}: {n_params:,} parameters; {device_msg}; {torch.get_num_threads()} CPU threads; "
             f"{self.dist.world_size} process(es){' FSDP2' if cfg.fsdp and self.dist.enabled else ''}"
@@ -335,16 +285,10 @@ class Trainer:
 
     def _lr(self, step: int) -> float:
         cfg = self.cfg
-        if step < cfg.warmup_steps:
-            return cfg.lr * (step + 1) / cfg.warmup_steps
-        span = max(1, cfg.max_steps - cfg.warmup_steps)
-        progress = min(1.0, (step - cfg.warmup_steps) / span)
-        return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+        return cosine_lr(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
 
     def _autocast(self) -> Any:
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return autocast_for(self.device, self.amp_dtype or torch.float32)
 
     def _set_stage(self) -> None:
         stage = self.curriculum.at(self.tokens)
@@ -407,18 +351,10 @@ class Trainer:
         )
         grad_norm = float("nan")
         if bad == 0:
-            if cfg.grad_clip > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
-            else:
-                grad_norm = float(
-                    torch.linalg.vector_norm(
-                        torch.stack([p.grad.norm() for p in self.model.parameters() if p.grad is not None])
-                    )
-                )
+            grad_norm = clip_gradients(self.model.parameters(), cfg.grad_clip)
         lr = self._lr(self.step)
         if bad == 0 and math.isfinite(grad_norm):
-            for group in self.opt.param_groups:
-                group["lr"] = lr
+            set_lr(self.opt, lr)
             self.opt.step()
             self.states = new_states
             self.bad_in_row = 0
@@ -647,17 +583,19 @@ class Trainer:
         barrier(self.dist)
         path = self.out / ckpt.step_dir_name(self.step)
         if self.dist.is_main:
-            meta = {
-                "step": self.step,
-                "tokens": self.tokens,
-                "skipped": self.skipped,
-                "bad_in_row": self.bad_in_row,
-                "world_size": self.dist.world_size,
-                "config": cfg.to_dict(),
-                "data": self._data_signature(),
-                "mmrec_version": __version__,
-                "time": dt.datetime.now().isoformat(timespec="seconds"),
-            }
+            meta = model_ckpt.model_meta(
+                unwrap(self.model),
+                kind="train",
+                step=self.step,
+                trained_seq_len=self.curriculum.max_seq_len,
+                tokens=self.tokens,
+                skipped=self.skipped,
+                bad_in_row=self.bad_in_row,
+                world_size=self.dist.world_size,
+                config=cfg.to_dict(),
+                data=self._data_signature(),
+                time=dt.datetime.now().isoformat(timespec="seconds"),
+            )
             path = ckpt.commit(tmp, meta, cfg.keep_checkpoints)
         barrier(self.dist)
         return path
