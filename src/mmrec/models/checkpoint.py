@@ -28,13 +28,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from mmrec.config import ModelConfig, TransformerConfig
 from mmrec.models.factory import build_model, label, model_config_from_dict, resolve_model_config
 from mmrec.tokenizer import load_tokenizer
 from mmrec.utils.counts import longest_window
+from mmrec.utils.files import save_tensors
 
 FORMAT = 1
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
@@ -126,7 +127,7 @@ def model_meta(model: nn.Module, *, kind: str, step: int, trained_seq_len: int, 
 
 def write_model_files(directory: Path, state_dict: dict[str, torch.Tensor], tokenizer: Any) -> None:
     """model.safetensors and tokenizer.json into ``directory``."""
-    save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(Path(directory) / WEIGHTS))
+    save_tensors(state_dict, Path(directory) / WEIGHTS)
     tokenizer.save(Path(directory) / "tokenizer.json")
 
 

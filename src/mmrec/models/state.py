@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
+
+from mmrec.utils.files import save_tensors
 
 
 class StateError(ValueError):
@@ -61,7 +63,7 @@ class TensorState:
             meta["config"] = json.dumps(config, sort_keys=True)
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.tensors().items()}, str(tmp), metadata=meta)
+        save_tensors(self.tensors(), tmp, metadata=meta)
         tmp.replace(path)
 
     @classmethod

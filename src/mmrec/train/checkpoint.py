@@ -15,22 +15,36 @@ killed run) and says so.
 
 from __future__ import annotations
 
+import datetime as dt
 import random
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
+from mmrec.config import ConfigError
+from mmrec.models import MMRecState
 from mmrec.models.checkpoint import (
     begin,
     commit,
     is_complete,
     list_checkpoints,
+    model_meta,
     read_json,
     step_dir_name,
     write_json,
 )
+from mmrec.train.distributed import (
+    barrier,
+    full_state_dict,
+    load_full_state_dict,
+    load_optimizer_state,
+    optimizer_state,
+    unwrap,
+)
+from mmrec.utils.files import save_tensors
 
 __all__ = [
     "begin",
@@ -38,6 +52,7 @@ __all__ = [
     "find_resume",
     "is_complete",
     "list_checkpoints",
+    "TrainerCheckpoints",
     "read_json",
     "rng_state",
     "set_rng_state",
@@ -91,3 +106,120 @@ def _jsonable(x: Any) -> Any:
     if isinstance(x, np.integer):
         return int(x)
     return x
+
+
+class TrainerCheckpoints:
+    """The trainer's checkpoints: the model checkpoint every command writes, plus optimiser, carried states,
+    data cursor and RNG of every rank (mixed into :class:`mmrec.train.trainer.Trainer`)."""
+
+    cfg: Any
+    dist: Any
+    model: Any
+    opt: Any
+    out: Path
+    step: int
+    tokens: int
+    skipped: int
+    bad_in_row: int
+    states: list[Any]
+    loader: Any
+    stage_index: int
+    logged_weights: Any
+    tokenizer: Any
+    dataset: Any
+    curriculum: Any
+    device: torch.device
+
+    def save_checkpoint(self) -> Path:
+        cfg = self.cfg
+        tmp = self.out / f".{step_dir_name(self.step)}.tmp"
+        if self.dist.is_main:
+            tmp = begin(self.out, self.step)
+        barrier(self.dist)
+        weights = full_state_dict(self.model, self.dist, cfg.fsdp)
+        opt_state = optimizer_state(self.model, self.opt, self.dist, cfg.fsdp)
+        if self.dist.is_main:
+            save_tensors(weights, tmp / "model.safetensors")
+            torch.save(opt_state, tmp / "optimizer.pt")
+            self.tokenizer.save(tmp / "tokenizer.json")
+        r = self.dist.rank
+        states = {
+            f"{m}.{k}": v.detach().cpu().contiguous()
+            for m, st in enumerate(self.states)
+            if st is not None
+            for k, v in st.tensors().items()
+        }
+        positions = [st.position if st is not None else None for st in self.states]
+        if states:
+            save_tensors(states, tmp / f"state-rank{r}.safetensors")
+        write_json(
+            tmp / f"rank{r}.json",
+            {
+                "loader": self.loader.state_dict(),
+                "rng": rng_state(),
+                "positions": positions,
+                "stage_index": self.stage_index,
+            },
+        )
+        barrier(self.dist)
+        path = self.out / step_dir_name(self.step)
+        if self.dist.is_main:
+            meta = model_meta(
+                unwrap(self.model),
+                kind="train",
+                step=self.step,
+                trained_seq_len=self.curriculum.max_seq_len,
+                tokens=self.tokens,
+                skipped=self.skipped,
+                bad_in_row=self.bad_in_row,
+                world_size=self.dist.world_size,
+                config=cfg.to_dict(),
+                data=self._data_signature(),
+                time=dt.datetime.now().isoformat(timespec="seconds"),
+            )
+            path = commit(tmp, meta, cfg.keep_checkpoints)
+        barrier(self.dist)
+        return path
+
+    def _data_signature(self) -> dict[str, list[int]]:
+        """Documents and tokens of each source's train and validation split, recorded in checkpoints."""
+        return {
+            name: [src.train.n_docs, src.train.n_tokens, src.val.n_docs, src.val.n_tokens]
+            for name, src in self.dataset.sources.items()
+        }
+
+    def _load_checkpoint(self, path: Path) -> None:
+        meta = read_json(path / "meta.json")
+        if meta["world_size"] != self.dist.world_size:
+            raise ConfigError(
+                f"resume: {path} was written by {meta['world_size']} process(es); resume with the "
+                f"same number (now {self.dist.world_size})"
+            )
+        saved_data, data = meta.get("data"), self._data_signature()
+        if saved_data is not None and saved_data != data:
+            raise ConfigError(
+                f"resume: the data differs from what {path} was trained on (documents and tokens per source "
+                f"[train docs, train tokens, val docs, val tokens]: then {saved_data}, now {data}); a changed "
+                "source or source name moves the train/validation split. Resume with the same data or start a "
+                "new --out (nothing was changed)"
+            )
+        weights = load_file(str(path / "model.safetensors"))
+        load_full_state_dict(self.model, weights, self.dist, self.cfg.fsdp)
+        opt_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        load_optimizer_state(self.model, self.opt, opt_state, self.dist, self.cfg.fsdp)
+        rank = read_json(path / f"rank{self.dist.rank}.json")
+        self.loader.load_state_dict(rank["loader"])
+        set_rng_state(rank["rng"])
+        self.step, self.tokens = meta["step"], meta["tokens"]
+        self.skipped, self.bad_in_row = meta["skipped"], meta["bad_in_row"]
+        self.stage_index = rank["stage_index"]
+        self.logged_weights = dict(self.loader.weights)
+        state_file = path / f"state-rank{self.dist.rank}.safetensors"
+        tensors = load_file(str(state_file), device=str(self.device)) if state_file.exists() else {}
+        self.states = []
+        for m, position in enumerate(rank["positions"]):
+            if position is None:
+                self.states.append(None)
+                continue
+            fields = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{m}.")}
+            self.states.append(MMRecState(position=position, **fields))

@@ -21,29 +21,24 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from mmrec.config import ConfigError
 from mmrec.data.cache import cached_dataset, source_specs
 from mmrec.data.loader import StreamLoader, eval_windows
 from mmrec.data.shards import PreparedDataset
 from mmrec.data.sources import DataError, SourceSpec
-from mmrec.models import MMRecLM, MMRecState, TransformerLM, build_model
-from mmrec.models import checkpoint as model_ckpt
+from mmrec.models import MMRecLM, TransformerLM, build_model
 from mmrec.models.factory import label
 from mmrec.tokenizer import load_tokenizer
 from mmrec.train import checkpoint as ckpt
+from mmrec.train.checkpoint import TrainerCheckpoints
 from mmrec.train.config import TrainConfig
 from mmrec.train.distributed import (
     DistInfo,
     all_reduce_max_int,
     all_reduce_sum,
     barrier,
-    full_state_dict,
     init_distributed,
-    load_full_state_dict,
-    load_optimizer_state,
-    optimizer_state,
     unwrap,
     wrap_model,
 )
@@ -79,7 +74,7 @@ class TrainingError(RuntimeError):
     """The run cannot go on; the message says why and what was kept."""
 
 
-class Trainer:
+class Trainer(TrainerCheckpoints):
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
         self.stop_signal: int | None = None
@@ -547,101 +542,6 @@ class Trainer:
         if sample:
             lines.append(f"sample after the prompt {summary['sample_prompt'][-60:]!r}:\n{sample}")
         self.log("\n".join(lines))
-
-    # Checkpoints -------------------------------------------------------------
-    def save_checkpoint(self) -> Path:
-        cfg = self.cfg
-        tmp = self.out / f".{ckpt.step_dir_name(self.step)}.tmp"
-        if self.dist.is_main:
-            tmp = ckpt.begin(self.out, self.step)
-        barrier(self.dist)
-        weights = full_state_dict(self.model, self.dist, cfg.fsdp)
-        opt_state = optimizer_state(self.model, self.opt, self.dist, cfg.fsdp)
-        if self.dist.is_main:
-            save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"))
-            torch.save(opt_state, tmp / "optimizer.pt")
-            self.tokenizer.save(tmp / "tokenizer.json")
-        r = self.dist.rank
-        states = {
-            f"{m}.{k}": v.detach().cpu().contiguous()
-            for m, st in enumerate(self.states)
-            if st is not None
-            for k, v in st.tensors().items()
-        }
-        positions = [st.position if st is not None else None for st in self.states]
-        if states:
-            save_file(states, str(tmp / f"state-rank{r}.safetensors"))
-        ckpt.write_json(
-            tmp / f"rank{r}.json",
-            {
-                "loader": self.loader.state_dict(),
-                "rng": ckpt.rng_state(),
-                "positions": positions,
-                "stage_index": self.stage_index,
-            },
-        )
-        barrier(self.dist)
-        path = self.out / ckpt.step_dir_name(self.step)
-        if self.dist.is_main:
-            meta = model_ckpt.model_meta(
-                unwrap(self.model),
-                kind="train",
-                step=self.step,
-                trained_seq_len=self.curriculum.max_seq_len,
-                tokens=self.tokens,
-                skipped=self.skipped,
-                bad_in_row=self.bad_in_row,
-                world_size=self.dist.world_size,
-                config=cfg.to_dict(),
-                data=self._data_signature(),
-                time=dt.datetime.now().isoformat(timespec="seconds"),
-            )
-            path = ckpt.commit(tmp, meta, cfg.keep_checkpoints)
-        barrier(self.dist)
-        return path
-
-    def _data_signature(self) -> dict[str, list[int]]:
-        """Documents and tokens of each source's train and validation split, recorded in checkpoints."""
-        return {
-            name: [src.train.n_docs, src.train.n_tokens, src.val.n_docs, src.val.n_tokens]
-            for name, src in self.dataset.sources.items()
-        }
-
-    def _load_checkpoint(self, path: Path) -> None:
-        meta = ckpt.read_json(path / "meta.json")
-        if meta["world_size"] != self.dist.world_size:
-            raise ConfigError(
-                f"resume: {path} was written by {meta['world_size']} process(es); resume with the "
-                f"same number (now {self.dist.world_size})"
-            )
-        saved_data, data = meta.get("data"), self._data_signature()
-        if saved_data is not None and saved_data != data:
-            raise ConfigError(
-                f"resume: the data differs from what {path} was trained on (documents and tokens per source "
-                f"[train docs, train tokens, val docs, val tokens]: then {saved_data}, now {data}); a changed "
-                "source or source name moves the train/validation split. Resume with the same data or start a "
-                "new --out (nothing was changed)"
-            )
-        weights = load_file(str(path / "model.safetensors"))
-        load_full_state_dict(self.model, weights, self.dist, self.cfg.fsdp)
-        opt_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-        load_optimizer_state(self.model, self.opt, opt_state, self.dist, self.cfg.fsdp)
-        rank = ckpt.read_json(path / f"rank{self.dist.rank}.json")
-        self.loader.load_state_dict(rank["loader"])
-        ckpt.set_rng_state(rank["rng"])
-        self.step, self.tokens = meta["step"], meta["tokens"]
-        self.skipped, self.bad_in_row = meta["skipped"], meta["bad_in_row"]
-        self.stage_index = rank["stage_index"]
-        self.logged_weights = dict(self.loader.weights)
-        state_file = path / f"state-rank{self.dist.rank}.safetensors"
-        tensors = load_file(str(state_file), device=str(self.device)) if state_file.exists() else {}
-        self.states = []
-        for m, position in enumerate(rank["positions"]):
-            if position is None:
-                self.states.append(None)
-                continue
-            fields = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{m}.")}
-            self.states.append(MMRecState(position=position, **fields))
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
