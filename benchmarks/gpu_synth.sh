@@ -37,7 +37,7 @@ if [ "$dev" = cuda ] && [[ $jobs == *" tests "* ]]; then
   (timeout 300 python -m pytest -q -x -p no:cacheprovider -m gpu tests/test_devices.py > "$runs/gpu_tests.log" 2>&1) &
 fi
 if [[ $jobs == *" mqar "* ]]; then
-  timeout $limit python -m mmrec synth mqar --arch llama --n-heads 2 --lr 3e-3 $mq --out "$runs/mqar_llama" \
+  timeout $limit python -m mmrec synth mqar --arch transformer --preset llama --n-heads 2 --lr 3e-3 $mq --out "$runs/mqar_llama" \
     > "$runs/mqar_llama.log" 2>&1 &
 fi
 ind="--arch mmrec --train-len ${TRAIN_LEN:-256} --test-lens ${TEST_LENS:-256 1024 4096 16384 65536 262144 1048576}
@@ -64,12 +64,12 @@ fi
 pk_m=${PK_MINUTES:-3}
 pk="--train-len ${PK_TRAIN_LEN:-128 384} --lengths ${PK_LENS:-256 1024 4096 16384 65536 262144 1048576}
     --trials ${PK_TRIALS:-8} --steps 1000000 --max-minutes $pk_m --batch-size ${PK_BATCH:-64} --lr 3e-3
-    --window 65536 --device $dev --log-every 250 --threads 2"
+    --stream-window 65536 --device $dev --log-every 250 --threads 2"
 pk_limit=$(python -c "print(int(float('$pk_m') * 60 + ${PK_EVAL_S:-300}))")  # the grid gets PK_EVAL_S
 if [[ $jobs == *" passkey "* ]]; then
   timeout "$pk_limit" python -m mmrec synth passkey $pk ${PK_MMREC_FLAGS---sparse-write --write-l1 0.01} \
     --out "$runs/passkey_mmrec" > "$runs/passkey_mmrec.log" 2>&1 &
-  timeout "$pk_limit" python -m mmrec synth passkey $pk --arch llama --out "$runs/passkey_llama" \
+  timeout "$pk_limit" python -m mmrec synth passkey $pk --arch transformer --preset llama --out "$runs/passkey_llama" \
     > "$runs/passkey_llama.log" 2>&1 &
 fi
 wait
@@ -91,5 +91,6 @@ for f in "$runs"/*.log; do echo "== $f"; grep -v "^step" "$f" | tail -n 12; grep
 # Figures, metrics and trained weights (a few MB) come back too, to be studied on a CPU (FILE_TYPES: fewer kinds
 # when the device returns only a few files).
 mkdir -p "$out/files" && for r in "$runs"/*/; do for ext in ${FILE_TYPES:-png safetensors csv}; do
-  for p in "$r"*."$ext"; do [ -f "$p" ] && cp "$p" "$out/files/$(basename "$r")_$(basename "$p")"; done; done; done
+  for p in "$r"*."$ext" "$r"step-*/*."$ext"; do [ -f "$p" ] && cp "$p" "$out/files/$(basename "$r")_$(basename "$p")"; done
+  done; done
 cat "$out/summary.md" "$out/logs.txt"

@@ -30,9 +30,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from mmrec.evals.context import evaluate_task
 from mmrec.evals.synthetic import induction_batch
-from mmrec.evals.task_train import build_task_model, evaluate_task, train_task
 from mmrec.models import MMRecLM
+from mmrec.models.factory import build_model, resolve_model_config
+from mmrec.train.tasks import train_task
 from mmrec.utils.cpu import tune_glibc_malloc
 
 VOCAB = 16
@@ -109,7 +111,10 @@ def accuracy(model: torch.nn.Module, length: int, batches: int, batch_size: int)
 def run_variant(name: str, options: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     model_options = {k: v for k, v in options.items() if not k.startswith("write_l1")}
-    model = build_task_model("mmrec", VOCAB, 64, 2, 2, **model_options)
+    # The MM-Rec of `mmrec synth induction`: width 64, 2 layers, 2 heads.
+    model = build_model(
+        resolve_model_config("mmrec", dict(d_model=64, n_layers=2, n_heads=2, **model_options), vocab_size=VOCAB)
+    )
     assert isinstance(model, MMRecLM)
     t0 = time.perf_counter()
     train_task(

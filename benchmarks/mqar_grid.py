@@ -23,8 +23,10 @@ from typing import Any
 
 import torch
 
+from mmrec.evals.context import evaluate_task, state_floats
 from mmrec.evals.synthetic import mqar_batch
-from mmrec.evals.task_train import build_task_model, evaluate_task, state_floats, train_task
+from mmrec.models.factory import build_model, resolve_model_config
+from mmrec.train.tasks import train_task
 from mmrec.utils.cpu import tune_glibc_malloc
 
 # Zoology's pairs per length.
@@ -35,9 +37,21 @@ def run_cell(
     arch: str, width: int, seq_len: int, kv_pairs: int, args: argparse.Namespace, device: torch.device
 ) -> dict[str, Any]:
     torch.manual_seed(args.seed)
-    model = build_task_model(
-        arch, args.vocab_size, width, 2, args.n_heads, args.chunk_size, args.mem_slots, args.summary_window, seq_len
+    values = dict(
+        d_model=width,
+        n_layers=2,
+        n_heads=args.n_heads,
+        chunk_size=args.chunk_size,
+        mem_slots=args.mem_slots,
+        summary_window=args.summary_window,
     )
+    if arch == "mmrec":
+        config = resolve_model_config("mmrec", values, vocab_size=args.vocab_size)
+    else:  # a Transformer of preset `arch`, sized to the parameter count of the MM-Rec of the same values
+        config = resolve_model_config(
+            "transformer", {**values, "preset": arch}, vocab_size=args.vocab_size, train_len=seq_len
+        )
+    model = build_model(config)
 
     def make_batch(b: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         return mqar_batch(b, seq_len, kv_pairs, args.vocab_size, g)

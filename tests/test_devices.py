@@ -118,10 +118,12 @@ def test_task_training_on_device(device):
     """The synthetic-task loop (prefetched pinned batches, logits at scored positions only) on the device:
     scored logits equal the full forward's, and a tiny MQAR is learned far above chance."""
     from mmrec.evals.synthetic import mqar_batch
-    from mmrec.evals.task_train import build_task_model, scored_forward, scored_positions, train_task
+    from mmrec.models.factory import build_model, resolve_model_config
+    from mmrec.train.tasks import scored_forward, scored_positions, train_task
 
     torch.manual_seed(0)
-    model = build_task_model("mmrec", 64, 48, 2, 2, chunk_size=8, mem_slots=8, summary_window=4).to(device)
+    values = dict(d_model=48, n_layers=2, n_heads=2, chunk_size=8, mem_slots=8, summary_window=4)
+    model = build_model(resolve_model_config("mmrec", values, vocab_size=64)).to(device)
     x, y = mqar_batch(8, 32, 2, 64, torch.Generator().manual_seed(1))
     positions, picked = scored_positions(y)
     x, y, positions, picked = (t.to(device) for t in (x, y, positions, picked))

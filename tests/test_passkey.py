@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 import mmrec
-from mmrec.evals import synth_cli
+from mmrec.cli import main
+from mmrec.cli import passkey as cli_passkey
 from mmrec.evals.passkey import (
     FILLER_SENTENCES,
     evaluate_passkey,
@@ -23,7 +25,7 @@ from mmrec.evals.passkey import (
     passkey_prompt,
 )
 from mmrec.evals.synthetic import IGNORE
-from mmrec.evals.task_train import build_task_model
+from mmrec.models.factory import build_model, resolve_model_config
 from mmrec.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
@@ -120,7 +122,10 @@ def test_mmrec_windowed_equals_whole_and_transformer_skips() -> None:
         assert 0.0 <= a["exact_match"] <= 1.0 and a["digit_logprob"] <= 0.0
         assert a["memory_bytes_per_stream"] == model.init_state(1).nbytes()
     # A Transformer past its memory limit is skipped with the reason.
-    llama = build_task_model("llama", 257, 32, 2, 2)
+    config = resolve_model_config(
+        "transformer", dict(preset="llama", d_model=32, n_layers=2, n_heads=2), vocab_size=257
+    )
+    llama = build_model(config)
     res = evaluate_passkey(llama, TOK, max_memory_bytes=2**16, window=64, **kwargs)
     assert all(c["exact_match"] is None and "KV cache" in c["note"] for c in res["cells"])
     # Past its trained length it reads through a sliding window of that length.
@@ -143,23 +148,24 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp / "run"
 
 
-def eval_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mmrec")
-    sub = p.add_subparsers(dest="command", required=True)
-    ev = sub.add_parser("eval").add_subparsers(dest="eval_command", required=True)
-    synth_cli.add_passkey_parser(ev)
-    return p
+def cli(args: list[str]) -> int:
+    """Exit code of `mmrec ARGS`, whether argparse or the command decides it."""
+    try:
+        return main(args)
+    except SystemExit as e:
+        return int(e.code or 0)
 
 
 def test_cli_eval_passkey(checkpoint: Path, tmp_path: Path) -> None:
     out = tmp_path / "pk"
-    args = eval_parser().parse_args(
+    code = cli(
         ["eval", "passkey", "--checkpoint", str(checkpoint), "--lengths", "128", "300", "--depths", "0", "0.5", "1"]
-        + ["--trials", "2", "--window", "64", "--out", str(out), "--device", "cpu"]
+        + ["--trials", "2", "--stream-window", "64", "--out", str(out), "--device", "cpu"]
     )
-    assert args.func(args) == 0
+    assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert len(results["cells"]) == 6 and results["arch"] == "mmrec" and results["trained_len"] == 32
+    assert results["stream_window"] == 64
     for cell in results["cells"]:
         assert 0.0 <= cell["exact_match"] <= 1.0 and cell["digit_logprob"] <= 0.0
         assert cell["memory_bytes_per_stream"] > 0
@@ -169,24 +175,28 @@ def test_cli_eval_passkey(checkpoint: Path, tmp_path: Path) -> None:
 
 
 def test_cli_eval_passkey_errors(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    parser = eval_parser()
     out = tmp_path / "o"
-    args = parser.parse_args(["eval", "passkey", "--checkpoint", str(checkpoint), "--lengths", "80", "--out", str(out)])
-    assert args.func(args) == 1
+    # Found once the checkpoint's tokenizer is known: exit code 1, nothing created.
+    assert cli(["eval", "passkey", "--checkpoint", str(checkpoint), "--lengths", "80", "--out", str(out)]) == 1
     assert "--lengths 80: a prompt needs at least" in capsys.readouterr().err
     assert not out.exists()  # nothing is created for a run that cannot start
-    args = parser.parse_args(["eval", "passkey", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
-    assert args.func(args) == 1
+    assert cli(["eval", "passkey", "--checkpoint", str(tmp_path / "nope"), "--out", str(out)]) == 1
     assert "does not exist" in capsys.readouterr().err
     not_ckpt = tmp_path / "folder"
     not_ckpt.mkdir()
     (not_ckpt / "notes.txt").write_text("hello")
-    args = parser.parse_args(["eval", "passkey", "--checkpoint", str(not_ckpt), "--out", str(tmp_path / "o")])
-    assert args.func(args) == 1
-    assert "is not a checkpoint of `mmrec train`" in capsys.readouterr().err
-    for bad in (["--depths", "1.5"], ["--trials", "0"], ["--lengths", "10"], ["--max-memory-gb", "-1"]):
-        with pytest.raises(SystemExit):
-            parser.parse_args(["eval", "passkey", "--checkpoint", "x", "--out", "y", *bad])
+    assert cli(["eval", "passkey", "--checkpoint", str(not_ckpt), "--out", str(out)]) == 1
+    assert "is not a checkpoint of mmrec" in capsys.readouterr().err
+    # Bad options: a usage error, exit code 2, before the checkpoint is even read.
+    for bad in (
+        ["--depths", "1.5"],
+        ["--trials", "0"],
+        ["--lengths", "10"],
+        ["--max-memory-gb", "-1"],
+        ["--window", "8"],
+    ):
+        assert cli(["eval", "passkey", "--checkpoint", "x", "--out", str(out), *bad]) == 2, bad
+    assert not out.exists()
 
 
 # Training batches and `mmrec synth passkey` ----------------------------------
@@ -232,74 +242,121 @@ def test_passkey_batch_bpe_rows_have_equal_length() -> None:
         assert bpe.decode([y for y in target if y != IGNORE]).replace(" ", "") == key * 2
 
 
-def synth_parser() -> argparse.ArgumentParser:
-    p = eval_parser()
-    synth_cli.add_synth_parser(p._subparsers._group_actions[0])  # type: ignore[union-attr]
-    return p
+GRID = ["--lengths", "128", "400", "--depths", "0", "1", "--trials", "2", "--stream-window", "96", "--device", "cpu"]
 
 
-def test_cli_synth_passkey_trains_grades_and_reloads(tmp_path: Path) -> None:
+def test_cli_synth_passkey_trains_grades_and_reloads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    trained: list[torch.nn.Module] = []
+    real = cli_passkey.train_task
+
+    def keep_model(model: torch.nn.Module, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        trained.append(model)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(cli_passkey, "train_task", keep_model)
     out = tmp_path / "sp"
-    grid = ["--lengths", "128", "400", "--depths", "0", "1", "--trials", "2", "--window", "96", "--device", "cpu"]
-    args = synth_parser().parse_args(
+    code = cli(
         ["synth", "passkey", "--d-model", "16", "--steps", "3", "--batch-size", "4", "--train-len", "110", "140"]
-        + ["--sparse-write", "--write-l1", "0.01", "--out", str(out), *grid]
+        + ["--sparse-write", "--write-l1", "0.01", "--out", str(out), *GRID]
     )
-    assert args.func(args) == 0
+    assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert results["task"] == "passkey" and results["train_len"] == [110, 140] and results["steps"] == 3
     assert len(results["cells"]) == 4 and results["trained_len"] == 140 and results["arch"] == "mmrec"
     assert all(c["digit_logprob"] <= 0.0 for c in results["cells"]) and len(results["loss_history"]) == 3
     assert (out / "heatmap.png").stat().st_size > 0 and "Exact match" in (out / "results.md").read_text()
-    # The saved folder is a checkpoint for `mmrec eval passkey`: the same seed reproduces the grid exactly.
+    # The output folder holds a step directory of the one checkpoint format: mmrec.load gives the trained model.
+    loaded = mmrec.load(out)
+    assert loaded.path == out / "step-000003" and loaded.step == 3 and loaded.trained_seq_len == 140
+    assert loaded.meta["kind"] == "synth" and loaded.config["task"] == "passkey"
+    assert loaded.model_config.sparse_write and loaded.tokenizer.vocab_size == 257
+    (model,) = trained
+    model.eval()
+    ids = torch.tensor([TOK.encode("The pass key is 12345. Remember it. What is the pass key?")])
+    with torch.no_grad():
+        assert torch.equal(loaded.model(ids).logits, model(ids).logits)
+    # `mmrec eval passkey --checkpoint OUT`: the same seed reproduces the grid exactly.
     ev = tmp_path / "ev"
-    args = synth_parser().parse_args(["eval", "passkey", "--checkpoint", str(out), "--out", str(ev), *grid])
-    assert args.func(args) == 0
+    assert cli(["eval", "passkey", "--checkpoint", str(out), "--out", str(ev), *GRID]) == 0
     again = json.loads((ev / "results.json").read_text())
     assert again["trained_len"] == 140
     for a, b in zip(results["cells"], again["cells"], strict=True):
         assert a["answers"] == b["answers"] and a["digit_logprob"] == b["digit_logprob"]
+    # A folder of `mmrec synth passkey` from before the step directories (results.json beside the weights)
+    # still loads, and grades the same.
+    old = tmp_path / "old"
+    old.mkdir()
+    for name in ("model.safetensors", "tokenizer.json"):
+        shutil.copy(loaded.path / name, old / name)
+    (old / "results.json").write_text(
+        json.dumps({k: results[k] for k in ("task", "arch", "model_config", "steps", "train_len")})
+    )
+    assert cli(["eval", "passkey", "--checkpoint", str(old), "--out", str(tmp_path / "ev-old"), *GRID]) == 0
+    legacy = json.loads((tmp_path / "ev-old" / "results.json").read_text())
+    assert [c["answers"] for c in legacy["cells"]] == [c["answers"] for c in results["cells"]]
 
 
 def test_cli_synth_passkey_transformer_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    parser = synth_parser()
     out = tmp_path / "llama"
     prose = tmp_path / "prose.txt"
     prose.write_text("Friends, Romans, countrymen, lend me your ears; I come to bury Caesar, not to praise him.\n")
-    args = parser.parse_args(
-        ["synth", "passkey", "--arch", "llama", "--d-model", "16", "--steps", "2", "--batch-size", "2"]
-        + ["--train-len", "120", "--lengths", "100", "300", "--depths", "0.5", "--trials", "2", "--out", str(out)]
-        + ["--filler", str(prose)]
+    code = cli(
+        ["synth", "passkey", "--arch", "transformer", "--preset", "llama", "--d-model", "16", "--steps", "2"]
+        + ["--batch-size", "2", "--train-len", "120", "--lengths", "100", "300", "--depths", "0.5", "--trials", "2"]
+        + ["--out", str(out), "--filler", str(prose)]
     )
-    assert args.func(args) == 0
+    assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert [c["mode"] for c in results["cells"]] == ["full", "sliding"] and results["filler"] == str(prose)
-    ev = ["eval", "passkey", "--checkpoint", str(out), "--lengths", "120", "--out", str(tmp_path / "e")]
-    args = parser.parse_args(ev)
-    assert args.func(args) == 0
+    assert results["arch"] == "transformer-llama"
+    assert cli(["eval", "passkey", "--checkpoint", str(out), "--lengths", "120", "--out", str(tmp_path / "e")]) == 0
+    capsys.readouterr()
     for bad, message in (
         (["--train-len", "300", "200"], "MIN must not exceed MAX"),
         (["--train-len", "100", "200", "300"], "one length or MIN MAX"),
         (["--train-len", "80"], "seq_len must be >= "),
         (["--lengths", "70"], "--lengths 70: a prompt needs at least"),
-        (["--write-l1", "0.1"], "needs an MM-Rec with sparse_write: add --sparse-write"),
-        (["--filler", str(tmp_path / "nope.txt")], "--filler"),
+        (["--write-l1", "0.1"], "needs --arch mmrec and --sparse-write"),
+        (["--filler", str(tmp_path / "nope.txt")], "filler: no such file"),
+        (["--tokenizer", str(tmp_path / "nope.json")], "tokenizer: no tokenizer file"),
+        (["--attn-window", "8"], "unrecognized arguments: --attn-window"),  # now --window (sliding attention)
     ):
         bad_out = tmp_path / "bad"
-        args = parser.parse_args(["synth", "passkey", "--steps", "1", "--out", str(bad_out), *bad])
-        assert args.func(args) == 1
+        assert cli(["synth", "passkey", "--steps", "1", "--out", str(bad_out), *bad]) == 2, bad
         assert message in capsys.readouterr().err
         assert not bad_out.exists()
-    # A folder of another synthetic task is not a passkey checkpoint.
+    # A folder of another synthetic task from before the step directories saved no loadable model.
     other = tmp_path / "mqar"
     other.mkdir()
     (other / "results.json").write_text(json.dumps({"task": "mqar"}))
-    args = parser.parse_args(["eval", "passkey", "--checkpoint", str(other), "--out", str(tmp_path / "e2")])
-    assert args.func(args) == 1
-    assert "not of `mmrec synth passkey`" in capsys.readouterr().err
-    (other / "results.json").write_text(json.dumps({"task": "passkey", "arch": "mmrec", "model_config": {}}))
-    assert args.func(args) == 1
-    assert "is not a complete `mmrec synth passkey` output" in capsys.readouterr().err
+    (other / "model.safetensors").write_bytes(b"")
+    assert cli(["eval", "passkey", "--checkpoint", str(other), "--out", str(tmp_path / "e2")]) == 1
+    assert "holds the results of `mmrec synth mqar`" in capsys.readouterr().err
+    (other / "results.json").write_text(
+        json.dumps({"task": "passkey", "arch": "mmrec", "model_config": {}, "steps": 1, "train_len": [128, 128]})
+    )
+    assert cli(["eval", "passkey", "--checkpoint", str(other), "--out", str(tmp_path / "e2")]) == 1
+    assert "do not load" in capsys.readouterr().err
+    assert not (tmp_path / "e2").exists()
+
+
+def test_cli_passkey_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "data" / "passkey.jsonl"
+    assert cli(["synth", "passkey-data", "--out", str(out), "--n", "4", "--min-len", "200", "--max-len", "300"]) == 0
+    docs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(docs) == 4 and all(200 <= d["tokens"] <= 300 for d in docs)
+    capsys.readouterr()
+    for bad, message in (
+        (["--min-len", "20"], "min_len: 20 is too short"),
+        (["--min-len", "400", "--max-len", "300"], "must not exceed max_len"),
+        (["--n", "0"], "n: must be an integer >= 1"),
+    ):
+        bad_out = tmp_path / "bad" / "p.jsonl"
+        assert cli(["synth", "passkey-data", "--out", str(bad_out), *bad]) == 2, bad
+        assert message in capsys.readouterr().err
+        assert not bad_out.parent.exists()
+    assert cli(["synth", "passkey-data", "--out", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
 
 
 def test_prose_filler(tmp_path: Path) -> None:

@@ -2,26 +2,22 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
 
 import mmrec
-from mmrec.evals import synth_cli
+from mmrec.cli import main
+from mmrec.cli.synth import InductionOptions, parse_mix
+from mmrec.evals.context import evaluate_task, plan_context, state_floats
 from mmrec.evals.synthetic import IGNORE, PAD_ID, induction_batch, mqar_batch, score, selective_copy_batch
-from mmrec.evals.task_train import (
-    build_task_model,
-    evaluate_task,
-    plan_context,
-    scored_forward,
-    scored_positions,
-    state_floats,
-    train_task,
-)
+from mmrec.models.factory import build_model, resolve_model_config
+from mmrec.train import tasks
 from mmrec.train.schedule import penalty_ramp
+from mmrec.train.tasks import scored_forward, scored_positions, train_task
 
 
 @pytest.fixture(autouse=True)
@@ -43,6 +39,25 @@ def tiny_mmrec(vocab: int = 64, d: int = 32, chunk: int = 8) -> mmrec.MMRecLM:
             vocab_size=vocab, d_model=d, n_layers=2, n_heads=2, chunk_size=chunk, mem_slots=4, summary_window=2
         )
     )
+
+
+def task_model(
+    arch: str, vocab: int, d_model: int, n_layers: int = 2, n_heads: int = 2, **values: Any
+) -> torch.nn.Module:
+    """The model `mmrec synth` builds: an MM-Rec, or a Transformer of preset ``arch`` sized to its parameter count."""
+    values = dict(d_model=d_model, n_layers=n_layers, n_heads=n_heads, **values)
+    if arch != "mmrec":
+        values["preset"] = arch
+    config = resolve_model_config("mmrec" if arch == "mmrec" else "transformer", values, vocab_size=vocab)
+    return build_model(config)
+
+
+def cli(args: list[str]) -> int:
+    """Exit code of `mmrec ARGS`, whether argparse or the command decides it."""
+    try:
+        return main(args)
+    except SystemExit as e:
+        return int(e.code or 0)
 
 
 # Generators ----------------------------------------------------------------
@@ -158,7 +173,7 @@ def test_score_oracle_and_chance() -> None:
 def test_scored_forward_equals_full_logits(arch: str) -> None:
     """Logits at the scored positions only give the full forward's loss and accuracy, with ragged rows."""
     torch.manual_seed(0)
-    model = build_task_model(arch, 32, 32, 2, 2, chunk_size=8, mem_slots=4, summary_window=2)
+    model = task_model(arch, 32, 32, 2, 2, chunk_size=8, mem_slots=4, summary_window=2)
     x, y = selective_copy_batch(5, 40, 6, 32, gen(3))
     y[1, -6:-2] = IGNORE  # rows with fewer scored positions than the others
     y[3, -6:] = IGNORE
@@ -184,7 +199,7 @@ def test_train_task_is_reproducible_and_reports_a_failing_generator() -> None:
     runs = []
     for _ in range(2):
         torch.manual_seed(0)
-        model = build_task_model("mmrec", 64, 32, 2, 2, chunk_size=8, mem_slots=4, summary_window=2)
+        model = task_model("mmrec", 64, 32, 2, 2, chunk_size=8, mem_slots=4, summary_window=2)
         runs.append(train_task(model, make_batch, steps=12, batch_size=8, lr=3e-3, device="cpu", log=None))
     assert runs[0]["history"] == runs[1]["history"] and len(runs[0]["history"]) == 12
 
@@ -192,7 +207,7 @@ def test_train_task_is_reproducible_and_reports_a_failing_generator() -> None:
         raise ValueError("no batches today")
 
     with pytest.raises(ValueError, match="no batches today"):
-        train_task(build_task_model("mmrec", 64, 32, 2, 2), broken, 5, 2, 1e-3, "cpu", log=None)
+        train_task(task_model("mmrec", 64, 32, 2, 2), broken, 5, 2, 1e-3, "cpu", log=None)
 
 
 def test_time_budget_holds_when_steps_slow_down() -> None:
@@ -208,7 +223,7 @@ def test_time_budget_holds_when_steps_slow_down() -> None:
             time.sleep(0.05)
         return mqar_batch(b, 16, 2, 32, g)
 
-    model = build_task_model("mmrec", 32, 16, 1, 1, chunk_size=8, mem_slots=2, summary_window=2)
+    model = task_model("mmrec", 32, 16, 1, 1, chunk_size=8, mem_slots=2, summary_window=2)
     result = train_task(
         model, make_batch, 100_000, 2, 1e-3, "cpu", log_every=5, eval_batches=1, max_seconds=2.0, log=None
     )
@@ -219,7 +234,7 @@ def test_time_budget_holds_when_steps_slow_down() -> None:
 def test_tiny_mqar_training_learns() -> None:
     """MM-Rec learns 2-pair recall from nothing in 200 steps: far above chance (1/32), loss down by half."""
     torch.manual_seed(0)
-    model = build_task_model("mmrec", 64, 48, 2, 2, chunk_size=8, mem_slots=8, summary_window=4)
+    model = task_model("mmrec", 64, 48, 2, 2, chunk_size=8, mem_slots=8, summary_window=4)
 
     def make_batch(b: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         return mqar_batch(b, 32, 2, 64, g)
@@ -255,7 +270,7 @@ def test_windowed_evaluation_equals_whole_for_mmrec() -> None:
 
 
 def test_transformer_refuses_beyond_memory_limit() -> None:
-    model = build_task_model("llama", 16, 32, 2, 2, max_seq_len=64)
+    model = task_model("llama", 16, 32, 2, 2, max_seq_len=64)
 
     def make_batch(b: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         return induction_batch(b, 4096, 16, g)
@@ -270,7 +285,7 @@ def test_transformer_refuses_beyond_memory_limit() -> None:
 
 
 def test_sliding_window_plan_bounds_every_attention_span() -> None:
-    model = build_task_model("llama", 16, 32, 2, 2, max_seq_len=64)
+    model = task_model("llama", 16, 32, 2, 2, max_seq_len=64)
     plan = plan_context(model, 1000, 2, window=256, trained_len=64)
     assert plan.mode == "sliding" and plan.keep is not None and plan.keep + plan.window <= 64
     state = None
@@ -280,27 +295,60 @@ def test_sliding_window_plan_bounds_every_attention_span() -> None:
             out = plan.feed(model, x[:, s:e], state)
             state = out.state
             assert state.keys.size(3) <= plan.keep
-    gpt = build_task_model("gpt", 16, 32, 2, 2, max_seq_len=64)
+    gpt = task_model("gpt", 16, 32, 2, 2, max_seq_len=64)
     assert "learns positions" in plan_context(gpt, 1000, 2, trained_len=64).note
 
 
 def test_state_floats() -> None:
     mm = tiny_mmrec()
     assert state_floats(mm, 100) == state_floats(mm, 10**6) == mm.init_state(1).nbytes() // 4
-    llama = build_task_model("llama", 64, 32, 2, 2)
+    llama = task_model("llama", 64, 32, 2, 2)
     assert state_floats(llama, 512) == 2 * 2 * 32 * 512
-    mistral = build_task_model("mistral", 64, 32, 2, 2, attn_window=16)
+    mistral = task_model("mistral", 64, 32, 2, 2, window=16)
     assert state_floats(mistral, 512) == 2 * 2 * 32 * 16
 
 
+def test_task_loop_steps_through_the_trainers_optimizer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """train_task uses mmrec.train.optim: AdamW with the tasks' betas, weight decay on matrices only.
+
+    Two probe parameters get an exact zero gradient, so Adam moves neither: only weight decay can change
+    them. The matrix must shrink, the vector must stay exactly as it was.
+    """
+
+    class Probed(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+            self.vector = torch.nn.Parameter(torch.ones(8))
+            self.matrix = torch.nn.Parameter(torch.ones(8, 8))
+
+        def hidden_states(self, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
+            h, state = self.inner.hidden_states(x)
+            return h + 0.0 * (self.vector.sum() + self.matrix.sum()), state
+
+        def lm_head(self, h: torch.Tensor) -> torch.Tensor:
+            return self.inner.lm_head(h)
+
+    made = []
+    real = tasks.make_optimizer
+
+    def spy(*args: Any, **kwargs: Any) -> torch.optim.AdamW:
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(tasks, "make_optimizer", spy)
+    model = Probed(task_model("mmrec", 64, 16, 1, 1, chunk_size=8, mem_slots=2, summary_window=2))
+    train_task(model, lambda b, g: mqar_batch(b, 16, 2, 64, g), 6, 4, 1e-2, "cpu", log=None, eval_fn=lambda m: 0.0)
+    (opt,) = made
+    assert opt.defaults["betas"] == tasks.TASK_BETAS == (0.9, 0.98)
+    assert torch.equal(model.vector.detach(), torch.ones(8))
+    assert (model.matrix.detach() < 1).all() and (model.matrix.detach() > 0.99).all()
+    # Every vector of the model (norms, biases, gates) is in the group without decay.
+    for group in opt.param_groups:
+        assert all(p.dim() >= 2 for p in group["params"]) == (group["weight_decay"] > 0)
+
+
 # Command line ----------------------------------------------------------------
-
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mmrec")
-    sub = p.add_subparsers(dest="command", required=True)
-    synth_cli.add_synth_parser(sub)
-    return p
 
 
 TINY_MODEL = ["--d-model", "16", "--n-heads", "2", "--chunk-size", "8", "--mem-slots", "4", "--log-every", "5"]
@@ -308,49 +356,78 @@ TINY_MODEL = ["--d-model", "16", "--n-heads", "2", "--chunk-size", "8", "--mem-s
 
 def test_cli_mqar_writes_results(tmp_path) -> None:  # noqa: ANN001
     out = tmp_path / "mqar"
-    args = parser().parse_args(
+    code = cli(
         ["synth", "mqar", *TINY_MODEL, "--seq-len", "32", "--kv-pairs", "4", "--vocab-size", "64"]
         + ["--steps", "6", "--batch-size", "4", "--eval-batches", "1", "--out", str(out), "--device", "cpu"]
     )
-    assert args.func(args) == 0
+    assert code == 0
     results = json.loads((out / "results.json").read_text())
     for key in ("accuracy", "state_floats", "arch", "d_model", "seq_len", "kv_pairs", "vocab_size", "steps"):
         assert key in results
     assert 0.0 <= results["accuracy"] <= 1.0 and results["params"] > 0 and results["train_seconds"] > 0
+    assert results["model_config"]["n_layers"] == 2  # the task's preset; --d-model overrides its width
     assert (out / "results.md").read_text().startswith("# MQAR")
     assert (out / "loss.png").stat().st_size > 0
-    # The trained weights come back exactly from model.safetensors and the config in results.json.
-    from safetensors.torch import load_file
-
-    again = mmrec.MMRecLM(mmrec.MMRecConfig.from_dict(results["model_config"]))
-    again.load_state_dict(load_file(str(out / "model.safetensors")))
+    assert (out / "metrics.csv").read_text().startswith("step,")
+    # The trained weights come back exactly from the step directory, with the config of results.json.
+    loaded = mmrec.load(out)
+    assert loaded.path == out / "step-000006" and results["checkpoint"] == str(loaded.path)
+    assert loaded.model_config.to_dict() == results["model_config"] and loaded.trained_seq_len == 32
+    assert loaded.meta["kind"] == "synth" and loaded.config["task"] == "mqar"
     x, y = mqar_batch(4, 32, 4, 64, gen(5))
-    correct, total = score(again(x).logits, y)
+    correct, total = score(loaded.model(x).logits, y)
     assert total == 16 and correct <= total
 
 
 def test_cli_mqar_trains_on_a_mix_and_tests_on_its_own_setting(tmp_path, capsys) -> None:  # noqa: ANN001
     out = tmp_path / "mix"
-    args = parser().parse_args(
-        ["synth", "mqar", "--arch", "gpt", *TINY_MODEL, "--seq-len", "32", "--kv-pairs", "4", "--vocab-size", "64"]
-        + ["--train-mix", "16:2:3", "48:4", "--steps", "6", "--batch-size", "4", "--eval-batches", "1"]
-        + ["--out", str(out), "--device", "cpu"]
+    code = cli(
+        ["synth", "mqar", "--arch", "transformer", "--preset", "gpt", *TINY_MODEL, "--seq-len", "32"]
+        + ["--kv-pairs", "4", "--vocab-size", "64", "--train-mix", "16:2:3", "48:4", "--steps", "6"]
+        + ["--batch-size", "4", "--eval-batches", "1", "--out", str(out), "--device", "cpu"]
     )
-    assert args.func(args) == 0  # gpt's position table covers the longest mix setting (48 > 32)
+    assert code == 0  # gpt's position table covers the longest mix setting (48 > 32)
     results = json.loads((out / "results.json").read_text())
+    assert results["arch"] == "transformer-gpt" and results["model_config"]["max_seq_len"] == 48
     assert results["train_mix"] == [
         {"seq_len": 16, "kv_pairs": 2, "weight": 3.0},
         {"seq_len": 48, "kv_pairs": 4, "weight": 1.0},
     ]
     assert results["seq_len"] == 32 and results["eval_queries"] == 4 * 4  # evaluated on the test setting
     assert "Trained on the mix 16:2 (weight 3)" in (out / "results.md").read_text()
-    assert synth_cli._mqar_mix(["zoology"])[0] == (64, 4, 100_000.0)
-    with pytest.raises(SystemExit):
-        parser().parse_args(["synth", "mqar", "--train-mix", "64x4", "--out", str(tmp_path / "bad")])
-    args = parser().parse_args(["synth", "mqar", "--train-mix", "8:4", "--out", str(tmp_path / "short")])
-    assert args.func(args) == 1
-    assert "--train-mix 8:4: seq_len 8 is too short" in capsys.readouterr().err
-    assert not (tmp_path / "short").exists()
+    assert parse_mix(["zoology"])[0] == (64, 4, 100_000.0)
+    capsys.readouterr()
+    assert cli(["synth", "mqar", "--train-mix", "64x4", "--out", str(tmp_path / "bad")]) == 2
+    assert "train_mix: expected SEQ:KV" in capsys.readouterr().err
+    assert cli(["synth", "mqar", "--train-mix", "8:4", "--out", str(tmp_path / "short")]) == 2
+    assert "train_mix 8:4: seq_len 8 is too short" in capsys.readouterr().err
+    assert not (tmp_path / "short").exists() and not (tmp_path / "bad").exists()
+
+
+def test_cli_transformer_llama_for_a_synth_task(tmp_path) -> None:  # noqa: ANN001
+    """--arch transformer --preset llama: a baseline sized to the MM-Rec of the same options, trained and saved."""
+    out = tmp_path / "llama"
+    code = cli(
+        ["synth", "induction", "--arch", "transformer", "--preset", "llama", "--train-len", "32"]
+        + ["--test-lens", "32", "--steps", "2", "--batch-size", "2", "--test-batches", "1", "--device", "cpu"]
+        + ["--log-every", "1", "--out", str(out)]
+    )
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["arch"] == "transformer-llama" and results["model_config"]["preset"] == "llama"
+    assert results["d_model"] == 64 and results["n_layers"] == 2  # the task's preset sizes
+    reference = task_model("mmrec", 16, 64).num_parameters()
+    assert abs(results["params"] - reference) / reference < 0.05  # matched to MM-Rec's parameter count
+    loaded = mmrec.load(out)
+    assert isinstance(loaded.model, mmrec.TransformerLM) and loaded.arch == "transformer-llama"
+    # The mistral preset's window defaults to a quarter of the training length; --window sets it.
+    opts = InductionOptions(
+        out=str(tmp_path / "m"), arch="transformer", model_values={"preset": "mistral"}, train_len=64
+    )
+    assert opts.model is not None and opts.model.window == 16
+    opts = InductionOptions(out="m", arch="transformer", model_values={"preset": "mistral", "window": 8}, train_len=64)
+    assert opts.model is not None and opts.model.window == 8
+    assert not (tmp_path / "m").exists()
 
 
 def test_write_penalty_switches_sparse_writes_off() -> None:
@@ -360,15 +437,15 @@ def test_write_penalty_switches_sparse_writes_off() -> None:
     gate = {}
     for l1 in (0.0, 1.0):
         torch.manual_seed(0)
-        model = build_task_model("mmrec", 16, 32, 2, 2, selective_write=True, sparse_write=True)
+        model = task_model("mmrec", 16, 32, 2, 2, selective_write=True, sparse_write=True)
         train_task(model, make_batch, 40, 8, 1e-2, "cpu", log=None, write_l1=l1, eval_fn=lambda m: 0.0)
         model.train()
         model(make_batch(8, torch.Generator().manual_seed(1))[0])
         gate[l1] = model.write_gate_mean().item()  # type: ignore[operator]
     assert gate[1.0] < 0.1 * gate[0.0]
     with pytest.raises(ValueError, match="sparse_write"):
-        train_task(build_task_model("mmrec", 16, 32, 2, 2), make_batch, 1, 2, 1e-3, "cpu", log=None, write_l1=0.1)
-    sparse = build_task_model("mmrec", 16, 32, 2, 2, selective_write=True, sparse_write=True)
+        train_task(task_model("mmrec", 16, 32, 2, 2), make_batch, 1, 2, 1e-3, "cpu", log=None, write_l1=0.1)
+    sparse = task_model("mmrec", 16, 32, 2, 2, selective_write=True, sparse_write=True)
     with pytest.raises(ValueError, match="write_l1_warmup"):
         train_task(sparse, make_batch, 1, 2, 1e-3, "cpu", log=None, write_l1=0.1, write_l1_warmup=-1)
     assert [penalty_ramp(step, 4) for step in (0, 1, 3, 9)] == [0.25, 0.5, 1.0, 1.0]
@@ -377,32 +454,43 @@ def test_write_penalty_switches_sparse_writes_off() -> None:
 
 def test_cli_induction_streams_long_and_skips_what_cannot_run(tmp_path) -> None:  # noqa: ANN001
     common = ["--train-len", "32", "--test-lens", "32", "300", "--steps", "3", "--batch-size", "4"]
-    common += ["--test-batches", "1", "--window", "64", "--device", "cpu"]
+    common += ["--test-batches", "1", "--stream-window", "64", "--device", "cpu"]
     out = tmp_path / "ind"
     mm_options = ["--sparse-write", "--write-l1", "0.01", "--write-l1-warmup", "2", "--decay-max", "0.9999"]
-    args = parser().parse_args(["synth", "induction", *TINY_MODEL, *common, *mm_options, "--out", str(out)])
-    assert args.func(args) == 0
+    assert cli(["synth", "induction", *TINY_MODEL, *common, *mm_options, "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["model_config"]["selective_write"] is True and results["model_config"]["decay_max"] == 0.9999
     assert results["model_config"]["sparse_write"] is True  # and --sparse-write implied --selective-write
     assert results["write_l1"] == 0.01 and results["write_l1_warmup"] == 2
-    assert set(results["accuracy"]) == {"32", "300"}
+    assert set(results["accuracy"]) == {"32", "300"} and results["stream_window"] == 64
     assert results["per_length"]["300"]["mode"] == "recurrent"
     assert (out / "accuracy.png").exists() and "| 300 |" in (out / "results.md").read_text()
     out = tmp_path / "gpt"
-    args = parser().parse_args(
-        ["synth", "selective-copy", "--arch", "gpt", *TINY_MODEL, *common, "--n-tokens", "4", "--out", str(out)]
-    )
-    assert args.func(args) == 0
+    args = ["synth", "selective-copy", "--arch", "transformer", "--preset", "gpt", *TINY_MODEL, *common]
+    assert cli([*args, "--n-tokens", "4", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["accuracy"]["300"] is None and "learns positions" in results["per_length"]["300"]["note"]
+    assert results["n_tokens"] == 4
 
 
 def test_cli_rejects_bad_arguments(tmp_path, capsys) -> None:  # noqa: ANN001
-    with pytest.raises(SystemExit):
-        parser().parse_args(["synth", "mqar", "--steps", "0", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit):
-        parser().parse_args(["synth", "mqar", "--arch", "rwkv", "--out", str(tmp_path)])
-    args = parser().parse_args(["synth", "mqar", "--seq-len", "16", "--kv-pairs", "8", "--out", str(tmp_path / "x")])
-    assert args.func(args) == 1
-    assert "seq_len 16 is too short" in capsys.readouterr().err
+    out = tmp_path / "x"
+    for bad, message in (
+        (["--steps", "0"], "steps: must be an integer >= 1"),
+        (["--arch", "rwkv"], "invalid choice: 'rwkv'"),
+        (["--arch", "llama"], "invalid choice: 'llama'"),  # now --arch transformer --preset llama
+        (["--seq-len", "16", "--kv-pairs", "8"], "seq_len 16 is too short"),
+        (["--preset", "llama"], "preset: only for --arch transformer"),
+        (["--write-l1", "0.1"], "write_l1: 0.1 penalises MM-Rec's sparse-write gates"),
+        (["--device", "cuda:7"], "--device: cuda:7"),
+        (["--lr", "nan"], "lr: expected a number"),
+    ):
+        if bad[:2] == ["--device", "cuda:7"] and torch.cuda.device_count() > 7:
+            continue
+        assert cli(["synth", "mqar", *bad, "--out", str(out)]) == 2, bad
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (bad, err)
+        assert not out.exists()
+    (tmp_path / "file").write_text("")
+    assert cli(["synth", "induction", "--out", str(tmp_path / "file")]) == 2
+    assert "is a file; give a folder" in capsys.readouterr().err

@@ -12,7 +12,7 @@ Prompts are built from token ids, piece by piece, so a prompt is exactly
 produces any window of its ids on demand, so a million-token prompt is never
 held whole. MM-Rec reads it in windows with its constant-size state; a
 Transformer uses its KV cache while that fits the memory limit, and a
-sliding window of its trained length beyond it (see ``task_train.plan_context``).
+sliding window of its trained length beyond it (see ``context.plan_context``).
 
 ``passkey_documents`` writes the same layout, answer included, as training
 text: mixed into ``mmrec train`` at short lengths it teaches the retrieval
@@ -35,8 +35,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mmrec.evals.task_train import DEFAULT_MAX_MEMORY_BYTES, ContextPlan, _autocast, plan_context, resolve_device
+from mmrec.evals.context import DEFAULT_MAX_MEMORY_BYTES, ContextPlan, plan_context
 from mmrec.models import KVCache, MMRecState, TransformerLM
+from mmrec.utils.device import autocast_for, resolve_device
 
 FILLER_SENTENCES = (
     "The grass is green.",
@@ -403,7 +404,7 @@ def _run_cell(
     n = prompts[0].n_tokens
     for start, stop in plan.windows(n):
         ids = torch.tensor([p.ids(start, stop) for p in prompts], dtype=torch.long, device=device)
-        with _autocast(device):
+        with autocast_for(device):
             out = plan.feed(model, ids, state)
         # Only the last position's logits are kept (a copy, so the window's [B, w, V] can be freed).
         state, last = out.state, out.logits[:, -1].float().clone()
@@ -419,7 +420,7 @@ def _run_cell(
             token = int(logits.argmax(dim=-1))
             generated.append(token)
             if j + 1 < len(answer):
-                with _autocast(device):
+                with autocast_for(device):
                     out = plan.feed(model, torch.tensor([[token]], device=device), st)
                 st, logits = out.state, out.logits[:, -1].float()
         text = tokenizer.decode(generated)
@@ -428,7 +429,7 @@ def _run_cell(
         # Teacher-forced: log p(answer[0] | prompt), then each next token given the right ones before it.
         lp = [float(torch.log_softmax(last[i], dim=-1)[answer[0]])]
         if len(answer) > 1:
-            with _autocast(device):
+            with autocast_for(device):
                 out = plan.feed(model, torch.tensor([answer[:-1]], device=device), _select_stream(state, i))
             rest = torch.log_softmax(out.logits[0].float(), dim=-1)
             lp += rest.gather(1, torch.tensor(answer[1:], device=device)[:, None])[:, 0].tolist()
@@ -469,7 +470,7 @@ def evaluate_passkey(
     if not lengths or not depths:
         raise ValueError("give at least one length and one depth")
     if window < 1:
-        raise ValueError(f"--window must be >= 1 token, got {window}")
+        raise ValueError(f"--stream-window must be >= 1 token, got {window}")
     check_prompt_lengths(tokenizer, lengths)
     device = resolve_device(device)
     was_training = model.training
@@ -517,7 +518,7 @@ def evaluate_passkey(
         "lengths": list(lengths),
         "depths": list(depths),
         "trials": trials,
-        "window": window,
+        "stream_window": window,
         "trained_len": trained_len,
         "max_memory_bytes": max_memory_bytes,
         "seed": seed,

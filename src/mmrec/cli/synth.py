@@ -1,0 +1,436 @@
+"""``mmrec synth mqar | induction | selective-copy`` (and, from :mod:`mmrec.cli.passkey`, the passkey commands).
+
+Each task trains a small model on fresh generated batches with
+:func:`mmrec.train.tasks.train_task` (the optimiser, schedule and clipping of
+``mmrec train``), evaluates it on held-out batches (:mod:`mmrec.evals.context`)
+and writes results.json, results.md, figures, metrics.csv and the trained
+model as a step directory (``mmrec.load(OUT)``).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from mmrec.cli.passkey import EVAL_PASSKEY, PASSKEY_DATA, SYNTH_PASSKEY
+from mmrec.cli.tasks import (
+    GIB,
+    TaskOptions,
+    at_least,
+    command,
+    finite,
+    make_out,
+    model_fields,
+    plot_lines,
+    plot_loss,
+    setup,
+)
+from mmrec.config import ConfigError, _doc, _positive, _require
+from mmrec.evals import synthetic as syn
+from mmrec.evals.common import write_results
+from mmrec.evals.context import BEYOND_MODES, MakeBatch, TaskEval, evaluate_task, state_floats
+from mmrec.models.factory import build_model
+from mmrec.train.tasks import TASK_BETAS, TaskOutput, train_task
+
+__all__ = ["COMMANDS", "EVAL_PASSKEY"]
+
+# Zoology's MQAR training set (Arora et al. 2023, zoology/experiments): (seq_len, kv_pairs, examples).
+ZOOLOGY_MQAR_MIX = ((64, 4, 100_000), (128, 8, 20_000), (256, 16, 20_000), (256, 32, 20_000), (256, 64, 20_000))
+HELD_OUT_SEED = 1_000_003  # added to --seed: the evaluation batches are never training batches
+
+
+def parse_mix(values: list[str]) -> list[tuple[int, int, float]]:
+    """``--train-mix`` entries ``SEQ:KV`` or ``SEQ:KV:WEIGHT`` (weight 1); 'zoology' is Zoology's training set."""
+    mix: list[tuple[int, int, float]] = []
+    for text in values:
+        if text == "zoology":
+            mix.extend((t, kv, float(n)) for t, kv, n in ZOOLOGY_MQAR_MIX)
+            continue
+        parts = text.split(":")
+        try:
+            if len(parts) not in (2, 3):
+                raise ValueError
+            seq, kv = int(parts[0]), int(parts[1])
+            weight = float(parts[2]) if len(parts) == 3 else 1.0
+        except ValueError:
+            raise ConfigError(f"train_mix: expected SEQ:KV or SEQ:KV:WEIGHT (e.g. 256:16:2), got {text!r}") from None
+        if seq < 1 or kv < 1 or not 0 < weight < float("inf"):
+            raise ConfigError(f"train_mix: need SEQ >= 1, KV >= 1 and a finite WEIGHT > 0, got {text!r}")
+        mix.append((seq, kv, weight))
+    return mix
+
+
+def _dry_run(make_batch: MakeBatch, where: str = "") -> None:
+    """Draw one sequence, so that bad task settings fail as options, before any model or folder exists."""
+    try:
+        make_batch(1, torch.Generator().manual_seed(0))
+    except ValueError as e:
+        raise ConfigError(f"{where}{e}") from None
+
+
+def _start(opts: TaskOptions, task: str, train_len: int, summary: str) -> tuple[Any, torch.device]:
+    """Seed, device, the model on it, the output folder and the first line: what every task does before training."""
+    device = setup(opts)
+    assert opts.model is not None
+    model = build_model(opts.model).to(device)
+    make_out(opts.out)
+    params = sum(p.numel() for p in model.parameters())
+    print(
+        f"{task}: {model_fields(opts, model, device)['arch']}, {params:,} parameters; {summary} on {device}", flush=True
+    )
+    return model, device
+
+
+def _output(opts: TaskOptions, task: str, trained_seq_len: int) -> TaskOutput:
+    return TaskOutput(Path(opts.out), trained_seq_len, config=opts.settings(task))
+
+
+# mmrec synth mqar ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MqarOptions(TaskOptions):
+    PRESET: ClassVar[dict[str, Any]] = {"d_model": 128, "n_layers": 2, "n_heads": 2}
+
+    seq_len: int = _doc("Tokens per sequence.", default=512, group="task")
+    kv_pairs: int = _doc("Key-value pairs.", default=64, group="task")
+    vocab_size: int = _doc("Vocabulary of the task (and the model).", default=8192, group="task")
+    power_a: float = _doc("Query placement power law, Zoology's.", default=0.01, group="task")
+    train_mix: list[str] = _doc(
+        "SEQ:KV[:WEIGHT]: train on batches drawn from these settings by weight (one setting per batch) instead of "
+        "the test setting; 'zoology' is Zoology's training set (64:4, 128:8, 256:16, 256:32, 256:64 weighted by "
+        "their example counts). Evaluation stays at --seq-len/--kv-pairs.",
+        default_factory=list,
+        group="task",
+    )
+    eval_batches: int = _doc("Held-out batches.", default=8, group="task")
+    steps: int = _doc("Training steps.", default=2000, group="training")
+    mix: list[tuple[int, int, float]] = field(default_factory=list, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive(self, "seq_len", "kv_pairs", "eval_batches")
+        _require(self.vocab_size >= 4, "vocab_size", f"must be >= 4, got {self.vocab_size}")
+        finite(self.power_a, "power_a", 0.0, strict=True)
+        _dry_run(self.test_batch)
+        self.mix = parse_mix(self.train_mix)
+        for seq, kv, _ in self.mix:
+            _dry_run(functools.partial(self.mix_batch, seq, kv), f"train_mix {seq}:{kv}: ")
+        self.model = self.resolve_model(self.vocab_size, self.longest)
+
+    @property
+    def longest(self) -> int:
+        return max([self.seq_len, *(seq for seq, _, _ in self.mix)])
+
+    def test_batch(self, b: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return syn.mqar_batch(b, self.seq_len, self.kv_pairs, self.vocab_size, g, power_a=self.power_a)
+
+    def mix_batch(self, seq_len: int, kv_pairs: int, b: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return syn.mqar_batch(b, seq_len, kv_pairs, self.vocab_size, g, power_a=self.power_a)
+
+    def train_batch(self, b: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        # Each training batch is one setting of the mix, drawn by weight; evaluation stays on the test setting.
+        if not self.mix:
+            return self.test_batch(b, g)
+        weights = torch.tensor([w for _, _, w in self.mix], dtype=torch.float64)
+        seq, kv, _ = self.mix[int(torch.multinomial(weights, 1, generator=g))]
+        return self.mix_batch(seq, kv, b, g)
+
+
+def run_mqar(opts: MqarOptions) -> int:
+    summary = (
+        f"{opts.seq_len} tokens, {opts.kv_pairs} pairs, vocabulary {opts.vocab_size}; {opts.steps} steps of "
+        f"{opts.batch_size}"
+    )
+    model, device = _start(opts, "MQAR", opts.longest, summary)
+    fields = model_fields(opts, model, device)
+    held_out: list[TaskEval] = []
+
+    def evaluate(m: torch.nn.Module) -> float:
+        # Fresh batches from another seed: the accuracy train_task reports, kept whole for the table.
+        ev = evaluate_task(
+            m, opts.test_batch, opts.eval_batches, opts.batch_size, device, seed=opts.seed + HELD_OUT_SEED
+        )
+        held_out.append(ev)
+        return float(ev.accuracy or 0.0)
+
+    trained = train_task(
+        model,
+        opts.train_batch,
+        opts.steps,
+        opts.batch_size,
+        opts.lr,
+        device,
+        opts.log_every,
+        opts.seed,
+        evaluate,
+        betas=TASK_BETAS,
+        max_seconds=opts.max_seconds,
+        write_l1=opts.write_l1,
+        write_l1_warmup=opts.write_l1_warmup,
+        output=_output(opts, "mqar", opts.longest),
+    )
+    evaluation = held_out[-1]
+    accuracy = float(evaluation.accuracy or 0.0)
+    mix = opts.mix
+    results = {
+        "task": "mqar",
+        **fields,
+        "accuracy": accuracy,
+        "state_floats": state_floats(model, opts.seq_len),
+        "seq_len": opts.seq_len,
+        "kv_pairs": opts.kv_pairs,
+        "vocab_size": opts.vocab_size,
+        "power_a": opts.power_a,
+        "train_mix": [{"seq_len": t, "kv_pairs": kv, "weight": w} for t, kv, w in mix] or None,
+        "steps": trained["steps"],
+        "batch_size": opts.batch_size,
+        "lr": opts.lr,
+        "train_seconds": round(trained["train_seconds"], 3),
+        "seconds_per_step": round(trained["seconds_per_step"], 5),
+        "eval_queries": evaluation.total,
+        "chance": 2 / opts.vocab_size,
+        "final_loss": sum(trained["history"][-10:]) / len(trained["history"][-10:]),
+        "checkpoint": str(trained["checkpoint"]),
+        "loss_history": trained["history"],
+    }
+    arch = fields["arch"]
+    table = (
+        f"# MQAR ({arch})\n\n"
+        "| arch | d_model | seq_len | kv_pairs | vocab | steps | accuracy | state floats | params | train s |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        f"| {arch} | {fields['d_model']} | {opts.seq_len} | {opts.kv_pairs} | {opts.vocab_size} | {trained['steps']} | "
+        f"{accuracy:.3f} | {results['state_floats']:,} | {fields['params']:,} | {trained['train_seconds']:.0f} |\n\n"
+        f"Accuracy over {evaluation.total:,} held-out queries (chance {2 / opts.vocab_size:.4f}).\n"
+        + ("Trained on the mix " + ", ".join(f"{t}:{kv} (weight {w:g})" for t, kv, w in mix) + ".\n" if mix else "")
+    )
+    out = write_results(opts.out, results, table)
+    plot_loss(out, trained["history"], f"MQAR training loss ({arch}, d={fields['d_model']}, T={opts.seq_len})")
+    print(table)
+    print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'loss.png'} and {trained['checkpoint']}")
+    return 0
+
+
+# mmrec synth induction / selective-copy ------------------------------------------------------------------------
+
+
+@dataclass
+class LengthTaskOptions(TaskOptions):
+    """A task trained at one length and tested at others, far longer."""
+
+    TASK: ClassVar[str] = ""
+    PRESET: ClassVar[dict[str, Any]] = {"d_model": 64, "n_layers": 2, "n_heads": 2}
+
+    vocab_size: int = _doc("Vocabulary of the task (and the model).", default=16, group="task")
+    train_len: int = _doc("Training length.", default=256, group="task")
+    test_lens: list[int] = _doc(
+        "Test lengths.", default_factory=lambda: [256, 1024, 4096, 16384, 65536], group="evaluation"
+    )
+    test_batches: int = _doc("Batches per test length.", default=4, group="evaluation")
+    test_batch_size: int | None = _doc(
+        "Sequences per test batch (default: --batch-size).", default=None, group="evaluation"
+    )
+    stream_window: int = _doc(
+        "Tokens per forward call at test time; MM-Rec carries its state between calls (memory, not results).",
+        default=4096,
+        group="evaluation",
+    )
+    max_memory_gb: float = _doc(
+        "A Transformer length whose KV cache would exceed this is skipped.", default=8.0, group="evaluation"
+    )
+    transformer_context: str = _doc(
+        "A Transformer past its training length: a sliding window of that length, full attention, or skip.",
+        default="sliding",
+        choices=BEYOND_MODES,
+        group="evaluation",
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.vocab_size >= 4, "vocab_size", f"must be >= 4, got {self.vocab_size}")
+        at_least([self.train_len], "train_len", 3)
+        _require(bool(self.test_lens), "test_lens", "give at least one length")
+        at_least(self.test_lens, "test_lens", 3)
+        _positive(self, "test_batches", "stream_window")
+        if self.test_batch_size is not None:
+            _positive(self, "test_batch_size")
+        finite(self.max_memory_gb, "max_memory_gb", 0.0, strict=True)
+        _require(
+            self.transformer_context in BEYOND_MODES,
+            "transformer_context",
+            f"must be one of {', '.join(BEYOND_MODES)}, got {self.transformer_context!r}",
+        )
+        for length in [self.train_len, *self.test_lens]:
+            _dry_run(self.batches(length))
+        self.model = self.resolve_model(self.vocab_size, self.train_len)
+
+    def batches(self, length: int) -> MakeBatch:
+        return lambda b, g: syn.induction_batch(b, length, self.vocab_size, g)
+
+    def extra_results(self) -> dict[str, Any]:
+        return {}
+
+
+@dataclass
+class InductionOptions(LengthTaskOptions):
+    TASK: ClassVar[str] = "induction"
+
+
+@dataclass
+class SelectiveCopyOptions(LengthTaskOptions):
+    TASK: ClassVar[str] = "selective-copy"
+
+    n_tokens: int = _doc("Data tokens to copy.", default=16, group="task")
+
+    def __post_init__(self) -> None:
+        _positive(self, "n_tokens")
+        super().__post_init__()
+
+    def batches(self, length: int) -> MakeBatch:
+        return lambda b, g: syn.selective_copy_batch(b, length, self.n_tokens, self.vocab_size, g)
+
+    def extra_results(self) -> dict[str, Any]:
+        return {"n_tokens": self.n_tokens}
+
+
+def run_length_task(opts: LengthTaskOptions) -> int:
+    task = opts.TASK
+    summary = f"training {opts.steps} steps of {opts.batch_size} x {opts.train_len} tokens"
+    model, device = _start(opts, task, opts.train_len, summary)
+    fields = model_fields(opts, model, device)
+    trained = train_task(
+        model,
+        opts.batches(opts.train_len),
+        opts.steps,
+        opts.batch_size,
+        opts.lr,
+        device,
+        opts.log_every,
+        opts.seed,
+        betas=TASK_BETAS,
+        max_seconds=opts.max_seconds,
+        write_l1=opts.write_l1,
+        write_l1_warmup=opts.write_l1_warmup,
+        output=_output(opts, task, opts.train_len),
+    )
+    test_batch = opts.test_batch_size or opts.batch_size
+    evals = []
+    for length in opts.test_lens:
+        ev = evaluate_task(
+            model,
+            opts.batches(length),
+            opts.test_batches,
+            test_batch,
+            device,
+            opts.stream_window,
+            seed=opts.seed + HELD_OUT_SEED,
+            max_memory_bytes=int(opts.max_memory_gb * GIB),
+            trained_len=opts.train_len,
+            beyond=opts.transformer_context,
+        )
+        acc = "skipped" if ev.accuracy is None else f"{ev.accuracy:.3f}"
+        print(f"  {length:>8,} tokens: accuracy {acc}  ({ev.note}; {ev.seconds:.1f}s)", flush=True)
+        evals.append(ev)
+    elem = next(model.parameters()).element_size()
+
+    def held(ev: TaskEval) -> int:
+        # Floats of state one stream held while reading (a sliding window holds less than the full
+        # context would need); for a skipped length, what it would have needed.
+        return state_floats(model, ev.seq_len) if ev.skipped else ev.memory_bytes // (test_batch * elem)
+
+    per_length = {
+        str(ev.seq_len): {
+            **ev.to_dict(),
+            "state_floats": held(ev),
+            "full_context_state_floats": state_floats(model, ev.seq_len),
+        }
+        for ev in evals
+    }
+    results = {
+        "task": task,
+        **fields,
+        "vocab_size": opts.vocab_size,
+        "train_len": opts.train_len,
+        "test_lens": opts.test_lens,
+        "steps": trained["steps"],
+        "batch_size": opts.batch_size,
+        "lr": opts.lr,
+        "stream_window": opts.stream_window,
+        "transformer_context": opts.transformer_context,
+        "train_seconds": round(trained["train_seconds"], 3),
+        "train_accuracy": trained["accuracy"],
+        "accuracy": {k: v["accuracy"] for k, v in per_length.items()},
+        "per_length": per_length,
+        "checkpoint": str(trained["checkpoint"]),
+        "loss_history": trained["history"],
+        **opts.extra_results(),
+    }
+    arch = fields["arch"]
+    chance = 1 / (opts.vocab_size - 2)
+    lines = [
+        f"# {task} ({arch}): trained at {opts.train_len} tokens, tested long",
+        "",
+        "| length | accuracy | state floats per stream | how it was read |",
+        "|---:|---:|---:|---|",
+    ]
+    for ev in evals:
+        acc = "skipped" if ev.accuracy is None else f"{ev.accuracy:.3f}"
+        lines.append(f"| {ev.seq_len:,} | {acc} | {held(ev):,} | {ev.note} |")
+    lines += [
+        "",
+        f"Held-out accuracy at the training length after training: {trained['accuracy']:.3f}; "
+        f"chance {chance:.3f}. A skipped length shows the state it would have needed.",
+    ]
+    table = "\n".join(lines) + "\n"
+    out = write_results(opts.out, results, table)
+    ran = [ev for ev in evals if ev.accuracy is not None]
+    plot_lines(
+        out / "accuracy.png",
+        {arch: ([float(ev.seq_len) for ev in ran], [float(ev.accuracy or 0.0) for ev in ran])},
+        "test length (tokens)",
+        "accuracy",
+        f"{task}: trained at {opts.train_len}, tested long ({arch})",
+        True,
+    )
+    plot_loss(out, trained["history"], f"{task} training loss ({arch})")
+    print(table)
+    print(
+        f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'accuracy.png'}, {out / 'loss.png'} and "
+        f"{trained['checkpoint']}"
+    )
+    return 0
+
+
+MQAR = command(
+    "mqar",
+    MqarOptions,
+    run_mqar,
+    help="multi-query associative recall (Zoology): train and report accuracy against state size",
+    description="Train a small model on fresh MQAR batches and report held-out accuracy at the value positions, "
+    "with the floats of state it needed. Model: width 128, 2 layers, 2 heads unless the flags say otherwise.",
+    many=("train_mix",),
+)
+INDUCTION = command(
+    "induction",
+    InductionOptions,
+    run_length_task,
+    help="induction heads (Mamba paper): recall the token after a trigger; trained short, tested long",
+    description="Induction heads (Mamba paper): recall the token after a trigger; trained short, tested long. "
+    "Model: width 64, 2 layers, 2 heads unless the flags say otherwise.",
+    many=("test_lens",),
+)
+SELECTIVE_COPY = command(
+    "selective-copy",
+    SelectiveCopyOptions,
+    run_length_task,
+    help="selective copying (Mamba paper): output scattered data tokens in order; trained short",
+    description="Selective copying (Mamba paper): output scattered data tokens in order; trained short, tested "
+    "long. Model: width 64, 2 layers, 2 heads unless the flags say otherwise.",
+    many=("test_lens",),
+)
+
+COMMANDS = [MQAR, INDUCTION, SELECTIVE_COPY, SYNTH_PASSKEY, PASSKEY_DATA]

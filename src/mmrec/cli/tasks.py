@@ -1,0 +1,280 @@
+"""What the ``mmrec synth`` commands share: the training options, the model options, and their output.
+
+Every task's options inherit :class:`TaskOptions` (seed, device, threads,
+steps, batch size, learning rate, logging, time budget, output folder, the
+architecture); the model options are those of ``mmrec train``, generated from
+``MMRecConfig`` and ``TransformerConfig``. A task's own model size (width 128
+for MQAR, ...) is a preset passed to ``resolve_model_config`` as if given, so
+a flag overrides it and no model default is declared twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from mmrec.cli.app import Command
+from mmrec.cli.commands import DEVICE_HELP, add_model_options, model_values
+from mmrec.config import ConfigError, ModelConfig, _doc, _positive, _require
+from mmrec.models.factory import label, resolve_model_config
+from mmrec.train.config import TrainConfig
+from mmrec.utils.device import resolve_device
+from mmrec.utils.options import build, field_names, given
+
+GIB = 2**30
+OUT_HELP = "Output folder (created): results.json, results.md, figures, metrics.csv and the trained model (step-N/)."
+
+
+def same_as(cls: type, name: str) -> Any:
+    """The field ``name`` of dataclass ``cls`` (its default and doc), for an option that means the same here."""
+    (f,) = (f for f in dataclasses.fields(cls) if f.name == name)
+    if f.default_factory is not dataclasses.MISSING:
+        return field(default_factory=f.default_factory, metadata=f.metadata)
+    return field(default=f.default, metadata=f.metadata)
+
+
+def check_out_folder(out: str, name: str = "out") -> None:
+    _require(bool(out), name, "give the output folder")
+    _require(not Path(out).is_file(), name, f"{out} is a file; give a folder")
+
+
+def finite(value: Any, name: str, minimum: float, strict: bool) -> None:
+    ok = isinstance(value, (int, float)) and math.isfinite(value)
+    ok = ok and (value > minimum if strict else value >= minimum)
+    _require(ok, name, f"must be a finite number {'>' if strict else '>='} {minimum:g}, got {value!r}")
+
+
+def at_least(values: Iterable[int], name: str, minimum: int) -> None:
+    for v in values:
+        _require(v >= minimum, name, f"must be >= {minimum}, got {v}")
+
+
+@dataclass
+class TaskOptions:
+    """What every synthetic task takes: training, execution and the model."""
+
+    # A task's own model size, used unless the flag is given (e.g. {"d_model": 128}).
+    PRESET: ClassVar[dict[str, Any]] = {}
+
+    out: str = _doc(OUT_HELP, default="")
+    arch: str = same_as(TrainConfig, "arch")
+    match_params: bool = same_as(TrainConfig, "match_params")
+    write_l1: float = same_as(TrainConfig, "write_l1")
+    write_l1_warmup: int = same_as(TrainConfig, "write_l1_warmup")
+    steps: int = _doc("Training steps.", default=1000, group="training")
+    batch_size: int = _doc("Sequences per step.", default=32, group="training")
+    lr: float = _doc(
+        "Peak learning rate (AdamW, betas 0.9/0.98; warm-up, then cosine decay to a tenth).",
+        default=3e-3,
+        group="training",
+    )
+    log_every: int = _doc("Print a line and write a row of metrics.csv every N steps.", default=50, group="training")
+    max_minutes: float | None = _doc(
+        "Time budget: lower --steps so training (schedule included) fits it, from the step time after 30 steps "
+        "and again at every --log-every.",
+        default=None,
+        group="training",
+    )
+    seed: int = _doc("Seed of the model, the data and the keys.", default=0, group="execution")
+    device: str = _doc(DEVICE_HELP, default="auto", group="execution")
+    threads: int | None = _doc("CPU threads for PyTorch (default: all cores).", default=None, group="execution")
+    # The model options given on the command line (no flag of their own), and the config they resolve to.
+    model_values: dict[str, Any] = field(default_factory=dict)
+    model: ModelConfig | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        check_out_folder(self.out)
+        _positive(self, "steps", "batch_size", "log_every")
+        if self.threads is not None:
+            _positive(self, "threads")
+        finite(self.lr, "lr", 0.0, strict=True)
+        if self.max_minutes is not None:
+            finite(self.max_minutes, "max_minutes", 0.0, strict=True)
+        finite(self.write_l1, "write_l1", 0.0, strict=False)
+        _require(self.write_l1_warmup >= 0, "write_l1_warmup", f"must be >= 0, got {self.write_l1_warmup}")
+
+    def resolve_model(self, vocab_size: int, train_len: int) -> ModelConfig:
+        """The model config: the task's preset < the model flags given; checked here, before anything is made.
+
+        ``train_len`` is the longest training sequence: the gpt preset's position
+        table, and four times the mistral preset's default window.
+        """
+        values = {**self.PRESET, **self.model_values}
+        if values.get("sparse_write") and "selective_write" not in self.model_values:
+            values["selective_write"] = True  # --sparse-write implies --selective-write
+        try:
+            config = resolve_model_config(
+                self.arch,
+                values,
+                vocab_size=vocab_size,
+                match_params=self.match_params,
+                train_len=train_len,
+                window_default=max(1, train_len // 4),
+            )
+        except ConfigError:
+            raise
+        except ValueError as e:  # a baseline that cannot be sized to MM-Rec's parameter count
+            raise ConfigError(f"match_params: {e}; or add --no-match-params") from None
+        if self.write_l1 > 0 and not getattr(config, "sparse_write", False):
+            raise ConfigError(
+                f"write_l1: {self.write_l1:g} penalises MM-Rec's sparse-write gates, so it needs --arch mmrec "
+                "and --sparse-write"
+            )
+        return config
+
+    @property
+    def max_seconds(self) -> float | None:
+        return None if self.max_minutes is None else self.max_minutes * 60
+
+    def settings(self, task: str) -> dict[str, Any]:
+        """The options as saved in meta.json (the model config is saved beside them)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        return {"task": task, **values}
+
+
+# Command-line construction ------------------------------------------------------------------------------------
+
+
+def accept_many(parser: argparse.ArgumentParser, names: Iterable[str]) -> None:
+    """Let the list options among ``names`` take several values per flag (``--lengths 1024 4096``).
+
+    The generated flags are repeatable (``--lengths 1024 --lengths 4096``);
+    each occurrence now takes one or more values, and :func:`flatten` joins them.
+    """
+    for name in names:
+        parser._option_string_actions["--" + name.replace("_", "-")].nargs = "+"
+
+
+def show_task_defaults(parser: argparse.ArgumentParser, preset: dict[str, Any]) -> None:
+    """The model defaults a task changes, in --help: its preset sizes, and the lengths set from its training."""
+    replaced = {
+        "max_seq_len": "Longest context: the learned position table of gpt (default: the longest training "
+        "sequence); RoPE presets only record it.",
+        "window": "Sliding attention window of the mistral preset (default: a quarter of the longest training "
+        "sequence).",
+    }
+    for name, value in preset.items():
+        action = parser._option_string_actions["--" + name.replace("_", "-")]
+        replaced[name] = re.sub(r" \(default: [^()]*\)$", "", action.help or "") + f" (default: {value} for this task)"
+    for name, text in replaced.items():
+        parser._option_string_actions["--" + name.replace("_", "-")].help = text
+
+
+def flatten(values: dict[str, Any], names: Iterable[str]) -> dict[str, Any]:
+    for name in names:
+        if name in values:
+            values[name] = [v for group in values[name] for v in group]
+    return values
+
+
+def command(
+    name: str,
+    options: type,
+    run: Callable[[Any], int],
+    help: str,
+    description: str = "",
+    *,
+    many: tuple[str, ...] = (),
+    with_model: bool = True,
+    required: tuple[str, ...] = ("out",),
+) -> Command:
+    """A synth command: options from ``options``, model options from the model configs, lists take many values."""
+
+    def extend(parser: argparse.ArgumentParser) -> None:
+        accept_many(parser, many)
+        if with_model:
+            add_model_options(parser)
+            show_task_defaults(parser, getattr(options, "PRESET", {}))
+
+    def parse(args: argparse.Namespace) -> Any:
+        names = [n for n in field_names(options) if n not in ("model", "model_values")]
+        values = flatten(given(args, names), many)
+        if with_model:
+            # A task's own option of a model field's name (--vocab-size of MQAR) is the task's, not a model flag.
+            values["model_values"] = {k: v for k, v in model_values(args).items() if k not in names}
+        return build(options, values)
+
+    def guarded(opts: Any) -> int:
+        try:
+            return run(opts)
+        except FloatingPointError as e:  # a loss that became NaN: a message for people, exit code 1
+            raise ValueError(str(e)) from e
+
+    return Command(name, options, guarded, help, description, required=required, extend=extend, parse=parse)
+
+
+# Running --------------------------------------------------------------------------------------------------------
+
+
+def setup(opts: Any) -> torch.device:
+    """What every task does first: threads, seed, device."""
+    if getattr(opts, "threads", None):
+        torch.set_num_threads(opts.threads)
+    torch.manual_seed(opts.seed)
+    return resolve_device(opts.device)
+
+
+def make_out(out: str) -> Path:
+    """The output folder, created once the inputs are known to be good (so a typo leaves nothing behind)."""
+    path = Path(out)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def model_fields(opts: TaskOptions, model: torch.nn.Module, device: torch.device) -> dict[str, Any]:
+    """What results.json says about the model of a task run."""
+    config: Any = opts.model
+    return {
+        "arch": label(config),
+        "d_model": config.d_model,
+        "n_layers": config.n_layers,
+        "n_heads": config.n_heads,
+        "params": sum(p.numel() for p in model.parameters()),
+        "model_config": config.to_dict(),
+        "match_params": opts.match_params,
+        "device": str(device),
+        "seed": opts.seed,
+        "write_l1": opts.write_l1,
+        "write_l1_warmup": opts.write_l1_warmup,
+    }
+
+
+def plot_lines(
+    path: Path, series: dict[str, tuple[list[float], list[float]]], xlabel: str, ylabel: str, title: str, logx: bool
+) -> Path | None:
+    """A line plot (one line per series); None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name, (xs, ys) in series.items():
+        ax.plot(xs, ys, "o-" if len(xs) < 30 else "-", lw=1.2, ms=4, label=name)
+    if logx:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if len(series) > 1:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_loss(out: Path, history: list[float], title: str) -> Path | None:
+    steps = [float(s) for s in range(1, len(history) + 1)]
+    return plot_lines(out / "loss.png", {"train": (steps, history)}, "step", "loss (nats)", title, False)
