@@ -279,14 +279,17 @@ def test_cli_reports_errors_without_tracebacks(corpus, tmp_path):
     proc = run_cli(["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "r")], tmp_path)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1 and "missing" in err and "Traceback" not in err
-    proc = run_cli(["--batch-size", "0"], tmp_path)
+    proc = run_cli(["--batch-size", "0"], tmp_path)  # an invalid option is a usage error, like argparse's own
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 1 and "batch_size" in err and "Traceback" not in err
+    assert proc.returncode == 2 and "batch_size" in err and "Traceback" not in err
     help_text = subprocess.run(
         [sys.executable, "-m", "mmrec", "train", "--help"], capture_output=True, text=True
     ).stdout
-    for name in TrainConfig.__dataclass_fields__:
-        assert "--" + name.replace("_", "-") in help_text, name
+    from mmrec.models.factory import MODEL_FIELDS
+
+    for name in [*TrainConfig.__dataclass_fields__, *MODEL_FIELDS]:
+        if name not in ("model", "vocab_size"):  # the model config is flattened; its vocabulary is the tokenizer's
+            assert "--" + name.replace("_", "-") in help_text, name
 
 
 def test_curriculum_and_state_carry(corpus, tmp_path):

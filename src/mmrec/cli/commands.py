@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmrec.cli.app import Command
+from mmrec.cli.command import Command
 from mmrec.compare import MODELS, PRESETS, CompareOptions, run_compare
 from mmrec.config import MMRecConfig, TransformerConfig, _doc, _positive, _require
 from mmrec.demo import DemoOptions, run_demo
@@ -29,23 +29,32 @@ STREAM_WINDOW_HELP = "Tokens per forward call when streaming a long text through
 # Model options: the fields of MMRecConfig and TransformerConfig, for every command that builds a model ----------
 
 
-def add_model_options(parser: argparse.ArgumentParser) -> None:
-    """``--d-model``, ``--chunk-size``, ``--preset``, ... from the two model configs, in three help groups."""
+def add_model_options(parser: argparse.ArgumentParser, defaults: dict[str, str] | None = None) -> None:
+    """``--d-model``, ``--chunk-size``, ``--preset``, ... from the two model configs, in three help groups.
+
+    ``defaults`` replaces the default shown in the help (a command's own preset sizes)."""
     skip = ("vocab_size",)  # always the tokenizer's
-    shared_defaults = {"norm_eps": "1e-06 for mmrec, 1e-05 for transformer"}
+    shown = {"norm_eps": "1e-06 for mmrec, 1e-05 for transformer", **(defaults or {})}
     add_options(
         parser,
         MMRecConfig,
         only=[n for n in SHARED_FIELDS if n not in skip],
         group="model (both architectures)",
-        defaults=shared_defaults,
+        defaults=shown,
     )
-    add_options(parser, MMRecConfig, only=[n for n in MMREC_FIELDS if n not in SHARED_FIELDS], group="model: MM-Rec")
+    add_options(
+        parser,
+        MMRecConfig,
+        only=[n for n in MMREC_FIELDS if n not in SHARED_FIELDS],
+        group="model: MM-Rec",
+        defaults=shown,
+    )
     add_options(
         parser,
         TransformerConfig,
         only=[n for n in TRANSFORMER_FIELDS if n not in SHARED_FIELDS],
         group="model: Transformer (--arch transformer)",
+        defaults=shown,
     )
 
 

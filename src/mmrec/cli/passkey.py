@@ -330,7 +330,6 @@ SYNTH_PASSKEY = command(
     "lengths x depths grid of `mmrec eval passkey`. The model is saved (a step directory in --out) before the "
     "grid: `mmrec eval passkey --checkpoint OUT` grades it again at other lengths, `mmrec.load(OUT)` loads it. "
     "Model: width 128, 2 layers, 2 heads unless the flags say otherwise.",
-    many=("train_len", *GRID_LISTS),
 )
 PASSKEY_DATA = command(
     "passkey-data",
@@ -349,7 +348,6 @@ EVAL_PASSKEY = command(
     description="Hide a random 5-digit key at each depth of filler prompts of each length and ask for it. "
     "MM-Rec streams the prompt in windows with constant memory; a Transformer uses its KV cache within "
     "--max-memory-gb and a sliding window of its trained length beyond it.",
-    many=GRID_LISTS,
     with_model=False,
     required=("checkpoint", "out"),
 )

@@ -412,7 +412,6 @@ MQAR = command(
     help="multi-query associative recall (Zoology): train and report accuracy against state size",
     description="Train a small model on fresh MQAR batches and report held-out accuracy at the value positions, "
     "with the floats of state it needed. Model: width 128, 2 layers, 2 heads unless the flags say otherwise.",
-    many=("train_mix",),
 )
 INDUCTION = command(
     "induction",
@@ -421,7 +420,6 @@ INDUCTION = command(
     help="induction heads (Mamba paper): recall the token after a trigger; trained short, tested long",
     description="Induction heads (Mamba paper): recall the token after a trigger; trained short, tested long. "
     "Model: width 64, 2 layers, 2 heads unless the flags say otherwise.",
-    many=("test_lens",),
 )
 SELECTIVE_COPY = command(
     "selective-copy",
@@ -430,7 +428,6 @@ SELECTIVE_COPY = command(
     help="selective copying (Mamba paper): output scattered data tokens in order; trained short",
     description="Selective copying (Mamba paper): output scattered data tokens in order; trained short, tested "
     "long. Model: width 64, 2 layers, 2 heads unless the flags say otherwise.",
-    many=("test_lens",),
 )
 
 COMMANDS = [MQAR, INDUCTION, SELECTIVE_COPY, SYNTH_PASSKEY, PASSKEY_DATA]

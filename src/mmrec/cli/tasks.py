@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from mmrec.cli.app import Command
+from mmrec.cli.command import Command
 from mmrec.cli.commands import DEVICE_HELP, add_model_options, model_values
 from mmrec.config import ConfigError, ModelConfig, _doc, _positive, _require
 from mmrec.models.factory import label, resolve_model_config
@@ -142,37 +141,11 @@ class TaskOptions:
 
 # Command-line construction ------------------------------------------------------------------------------------
 
-
-def accept_many(parser: argparse.ArgumentParser, names: Iterable[str]) -> None:
-    """Let the list options among ``names`` take several values per flag (``--lengths 1024 4096``).
-
-    The generated flags are repeatable (``--lengths 1024 --lengths 4096``);
-    each occurrence now takes one or more values, and :func:`flatten` joins them.
-    """
-    for name in names:
-        parser._option_string_actions["--" + name.replace("_", "-")].nargs = "+"
-
-
-def show_task_defaults(parser: argparse.ArgumentParser, preset: dict[str, Any]) -> None:
-    """The model defaults a task changes, in --help: its preset sizes, and the lengths set from its training."""
-    replaced = {
-        "max_seq_len": "Longest context: the learned position table of gpt (default: the longest training "
-        "sequence); RoPE presets only record it.",
-        "window": "Sliding attention window of the mistral preset (default: a quarter of the longest training "
-        "sequence).",
-    }
-    for name, value in preset.items():
-        action = parser._option_string_actions["--" + name.replace("_", "-")]
-        replaced[name] = re.sub(r" \(default: [^()]*\)$", "", action.help or "") + f" (default: {value} for this task)"
-    for name, text in replaced.items():
-        parser._option_string_actions["--" + name.replace("_", "-")].help = text
-
-
-def flatten(values: dict[str, Any], names: Iterable[str]) -> dict[str, Any]:
-    for name in names:
-        if name in values:
-            values[name] = [v for group in values[name] for v in group]
-    return values
+# Model lengths a task sets from its training lengths, as its --help says.
+TASK_MODEL_DEFAULTS = {
+    "max_seq_len": "the longest training sequence (gpt's position table)",
+    "window": "a quarter of the longest training sequence (mistral)",
+}
 
 
 def command(
@@ -182,21 +155,19 @@ def command(
     help: str,
     description: str = "",
     *,
-    many: tuple[str, ...] = (),
     with_model: bool = True,
     required: tuple[str, ...] = ("out",),
 ) -> Command:
-    """A synth command: options from ``options``, model options from the model configs, lists take many values."""
+    """A synth command: options from ``options``, model options from the model configs."""
 
     def extend(parser: argparse.ArgumentParser) -> None:
-        accept_many(parser, many)
         if with_model:
-            add_model_options(parser)
-            show_task_defaults(parser, getattr(options, "PRESET", {}))
+            preset = getattr(options, "PRESET", {})
+            add_model_options(parser, {**TASK_MODEL_DEFAULTS, **{k: f"{v} for this task" for k, v in preset.items()}})
 
     def parse(args: argparse.Namespace) -> Any:
         names = [n for n in field_names(options) if n not in ("model", "model_values")]
-        values = flatten(given(args, names), many)
+        values = given(args, names)
         if with_model:
             # A task's own option of a model field's name (--vocab-size of MQAR) is the task's, not a model flag.
             values["model_values"] = {k: v for k, v in model_values(args).items() if k not in names}

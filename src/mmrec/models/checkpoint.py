@@ -125,16 +125,17 @@ def model_meta(model: nn.Module, *, kind: str, step: int, trained_seq_len: int, 
     }
 
 
-def write_model_files(directory: Path, state_dict: dict[str, torch.Tensor], tokenizer: Any) -> None:
-    """model.safetensors and tokenizer.json into ``directory``."""
+def write_model_files(directory: Path, state_dict: dict[str, torch.Tensor], tokenizer: Any | None) -> None:
+    """model.safetensors and tokenizer.json into ``directory`` (no tokenizer for a task on raw token ids)."""
     save_tensors(state_dict, Path(directory) / WEIGHTS)
-    tokenizer.save(Path(directory) / "tokenizer.json")
+    if tokenizer is not None:
+        tokenizer.save(Path(directory) / "tokenizer.json")
 
 
 def save_checkpoint(
     out: Path,
     model: nn.Module,
-    tokenizer: Any,
+    tokenizer: Any | None,
     *,
     kind: str,
     step: int,
@@ -142,10 +143,14 @@ def save_checkpoint(
     keep: int = 1,
     **extra: Any,
 ) -> Path:
-    """A complete step directory of ``model`` in run directory ``out`` (atomic), keeping the newest ``keep``."""
+    """A complete step directory of ``model`` in run directory ``out`` (atomic), keeping the newest ``keep``.
+
+    ``tokenizer`` None: a model of raw token ids (a synthetic task); :func:`load` gives it no tokenizer."""
     tmp = begin(Path(out), step)
     write_model_files(tmp, model.state_dict(), tokenizer)
-    return commit(tmp, model_meta(model, kind=kind, step=step, trained_seq_len=trained_seq_len, **extra), keep)
+    meta = model_meta(model, kind=kind, step=step, trained_seq_len=trained_seq_len, **extra)
+    meta["tokenizer"] = None if tokenizer is None else "tokenizer.json"
+    return commit(tmp, meta, keep)
 
 
 # Loading ----------------------------------------------------------------------
@@ -156,7 +161,7 @@ class LoadedModel:
     """A model ready to call (eval mode), its tokenizer, and what its checkpoint says about it."""
 
     model: nn.Module  # MMRecLM or TransformerLM
-    tokenizer: Any  # ByteTokenizer or BPETokenizer
+    tokenizer: Any  # ByteTokenizer or BPETokenizer; None for a synthetic task on raw token ids
     model_config: ModelConfig
     step: int
     path: Path
@@ -204,7 +209,11 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     try:
         meta = _legacy_synth_meta(step_dir) if _is_legacy_synth(step_dir) else read_json(step_dir / META)
         tok_file = step_dir / "tokenizer.json"
-        tokenizer = load_tokenizer(tok_file if tok_file.exists() else meta.get("config", {}).get("tokenizer", "byte"))
+        tokenizer: Any = None
+        if tok_file.exists():
+            tokenizer = load_tokenizer(tok_file)
+        elif "tokenizer" not in meta:  # older checkpoints name the run's tokenizer in their config
+            tokenizer = load_tokenizer(meta.get("config", {}).get("tokenizer", "byte"))
         if "model" not in meta:
             meta = _upgrade_train_meta(meta, tokenizer.vocab_size)
         model_config = model_config_from_dict(meta["arch"], meta["model"])

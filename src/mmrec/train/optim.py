@@ -38,10 +38,12 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def clip_gradients(params: Iterable[torch.Tensor], max_norm: float) -> float:
-    """Clip the global gradient norm to ``max_norm`` (0 or less: measure only); the norm before clipping."""
+def clip_gradients(params: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm to ``max_norm`` (0 or less: measure only); the norm before clipping.
+
+    A tensor, so a loop that does not log every step never waits for the device here."""
     params = list(params)
     if max_norm > 0:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
     grads = [p.grad.detach().norm() for p in params if p.grad is not None]
-    return float(torch.stack(grads).norm()) if grads else 0.0
+    return torch.stack(grads).norm() if grads else torch.zeros(())

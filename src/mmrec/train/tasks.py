@@ -24,12 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from mmrec.evals.context import MakeBatch, evaluate_task
 from mmrec.evals.synthetic import IGNORE
-from mmrec.models.checkpoint import WEIGHTS, begin, commit, model_meta, save_checkpoint
+from mmrec.models.checkpoint import save_checkpoint
 from mmrec.train.metrics import MetricsWriter
 from mmrec.train.optim import clip_gradients, cosine_lr, make_optimizer, set_lr
 from mmrec.train.schedule import penalty_ramp
@@ -135,21 +134,15 @@ class TaskOutput:
 
 def save_task_model(output: TaskOutput, model: nn.Module, step: int) -> Path:
     """The step directory of ``model`` in ``output.out`` (kind "synth"), loadable with ``mmrec.load``."""
-    if output.tokenizer is not None:
-        return save_checkpoint(
-            output.out,
-            model,
-            output.tokenizer,
-            kind="synth",
-            step=step,
-            trained_seq_len=output.trained_seq_len,
-            config=output.config,
-        )
-    # Token ids without a tokenizer (MQAR, induction, selective copying): the weights and meta.json only.
-    tmp = begin(output.out, step)
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS))
-    meta = model_meta(model, kind="synth", step=step, trained_seq_len=output.trained_seq_len, config=output.config)
-    return commit(tmp, meta, keep=1)
+    return save_checkpoint(
+        output.out,
+        model,
+        output.tokenizer,  # None for tasks on raw token ids (MQAR, induction, selective copying)
+        kind="synth",
+        step=step,
+        trained_seq_len=output.trained_seq_len,
+        config=output.config,
+    )
 
 
 def train_task(
@@ -224,7 +217,7 @@ def train_task(
     counts: list[int] = []
     history: list[float] = []
     train_acc: list[float] = []
-    grad_norm = 0.0
+    grad_norm = torch.zeros(())
 
     def drain() -> None:
         # One transfer for all steps since the last logging point; a non-finite loss stops training.
@@ -293,7 +286,7 @@ def train_task(
                             "step": step,
                             "loss": history[-1],
                             "lr": current_lr,
-                            "grad_norm": grad_norm,
+                            "grad_norm": float(grad_norm),
                             "batch_size": batch_size,
                             "elapsed_s": round(elapsed, 3),
                         }
@@ -301,7 +294,7 @@ def train_task(
                 if log is not None:
                     log(
                         f"step {step}/{steps}  loss {history[-1]:.4f}  batch accuracy {train_acc[-1]:.3f}  "
-                        f"lr {current_lr:.2e}  grad norm {grad_norm:.2f}  {elapsed / step * 1e3:.0f} ms/step"
+                        f"lr {current_lr:.2e}  grad norm {float(grad_norm):.2f}  {elapsed / step * 1e3:.0f} ms/step"
                     )
         drain()
     finally:

@@ -346,7 +346,7 @@ class Trainer(TrainerCheckpoints):
         )
         grad_norm = float("nan")
         if bad == 0:
-            grad_norm = clip_gradients(self.model.parameters(), cfg.grad_clip)
+            grad_norm = float(clip_gradients(self.model.parameters(), cfg.grad_clip))
         lr = self._lr(self.step)
         if bad == 0 and math.isfinite(grad_norm):
             set_lr(self.opt, lr)

@@ -164,8 +164,11 @@ def add_options(
         if tp is bool:
             target.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         elif typing.get_origin(tp) is list:
+            # Repeatable and many-valued alike: --data a --data b, or --lengths 1024 4096.
             (item,) = typing.get_args(tp)
-            target.add_argument(flag, action="append", type=_parser_type(f.name, item), metavar=_metavar(f), **kwargs)
+            target.add_argument(
+                flag, action="extend", nargs="+", type=_parser_type(f.name, item), metavar=_metavar(f), **kwargs
+            )
         else:
             if choices:
                 kwargs["choices"] = choices
