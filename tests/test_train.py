@@ -390,7 +390,12 @@ def test_two_processes_equal_one_process(corpus, tmp_path, shard):
     one = load_file(str(tmp_path / "one" / "step-000004" / "model.safetensors"))
     two = load_file(str(tmp_path / "two" / "step-000004" / "model.safetensors"))
     for name, value in one.items():
-        assert torch.allclose(two[name], value, rtol=1e-4, atol=1e-6), name
+        # Two processes sum the gradients in another order; AdamW divides by sqrt(v), so where an element's
+        # gradient is near zero that rounding can move it by up to ~1e-6 in 4 steps (seen: 1.8e-6 at lr 3e-3,
+        # depending on the documents of the split, i.e. on the temporary path). A real DDP fault (gradients
+        # not averaged, a rank on other data) moves every element by ~lr; the mean difference must stay tiny.
+        assert torch.allclose(two[name], value, rtol=1e-4, atol=1e-5), name
+        assert float((two[name] - value).abs().mean()) < 1e-7, name
     for step, loss in losses(tmp_path / "one").items():
         assert abs(losses(tmp_path / "two")[step] - loss) < 1e-5
     rank_files = sorted(p.name for p in (tmp_path / "two" / "step-000004").glob("rank*.json"))

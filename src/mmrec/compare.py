@@ -185,7 +185,10 @@ def model_configs(opts: CompareOptions) -> dict[str, TrainConfig]:
             values["preset"] = style
             if style == "mistral":
                 values["window"] = preset.mistral_window
-        configs[key] = TrainConfig.from_flat(values)
+        try:
+            configs[key] = TrainConfig.from_flat(values)
+        except ValueError as e:  # ConfigError, or a shape whose parameters cannot be matched
+            raise ConfigError(f"{LABELS[key]}: cannot build the model for training: {e}") from e
     return configs
 
 
