@@ -8,7 +8,6 @@ on CUDA it is ``torch.cuda.max_memory_allocated``.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import multiprocessing as mp
 import resource
@@ -19,6 +18,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from mmrec.utils.device import autocast_for
 
 
 def sync(device: torch.device) -> None:
@@ -40,10 +41,6 @@ def timed(fn: Callable[[], None], steps: int, device: torch.device, warmup: int 
     return statistics.median(times)
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-
 def train_throughput(
     model: nn.Module,
     seq_len: int,
@@ -59,7 +56,7 @@ def train_throughput(
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
 
     def step() -> None:
-        with _autocast(device, dtype):
+        with autocast_for(device, dtype or torch.float32):
             loss = model(ids[:, :-1], targets=ids[:, 1:]).loss
         loss.backward()
         opt.step()
@@ -84,7 +81,7 @@ def decode_latency(
 ) -> dict[str, float]:
     """Milliseconds per generated token after ``context`` tokens, and the state's bytes there."""
     state = None
-    with _autocast(device, dtype):
+    with autocast_for(device, dtype or torch.float32):
         for start in range(0, context, prefill_window):
             n = min(prefill_window, context - start)
             state = model(torch.randint(0, vocab, (1, n), device=device), state=state).state

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from mmrec.stages.entropy import TokenSample, sample_split
+from mmrec.utils.device import model_device
 
 # Polynomial hashing of token windows, mod 2**64 (an odd multiplier; numpy's uint64 arithmetic wraps around).
 _HASH_BASE = 0x9E3779B97F4A7C15
@@ -87,12 +88,6 @@ def autocast_context(autocast: Any) -> Any:
     if callable(autocast):
         return autocast()
     raise TypeError(f"autocast must be None, a context manager or a callable returning one, got {autocast!r}")
-
-
-def model_device(model: torch.nn.Module, device: str | torch.device | None) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device(device or "cpu")
 
 
 def model_predictions(

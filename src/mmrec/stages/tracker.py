@@ -37,10 +37,10 @@ from mmrec.stages.probes import (
     Probe,
     autocast_context,
     build_knowledge_probes,
-    model_device,
     model_predictions,
     score_predictions,
 )
+from mmrec.utils.device import model_device
 
 CACHE_FORMAT = 1
 STAGES_FILE = "stages.json"

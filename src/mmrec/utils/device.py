@@ -63,8 +63,8 @@ def autocast_for(
     return torch.autocast(device.type, dtype=dtype)
 
 
-def model_device(model: torch.nn.Module) -> torch.device:
-    """The device of a model's first parameter (the CPU for a model without any)."""
+def model_device(model: torch.nn.Module, default: str | torch.device | None = None) -> torch.device:
+    """The device of a model's first parameter (``default``, else the CPU, for a model without any)."""
     for p in model.parameters():
         return p.device
-    return torch.device("cpu")
+    return torch.device(default or "cpu")
