@@ -178,8 +178,8 @@ class TrainConfig(ConfigMixin):
             _positive(self, "eval_seq_len")
         if self.threads is not None:
             _positive(self, "threads")
-        if self.arch not in ("mmrec", "transformer"):
-            raise ConfigError(f"arch: must be mmrec or transformer, got {self.arch!r}")
+        if self.arch not in ARCHS:
+            raise ConfigError(f"arch: must be one of {', '.join(ARCHS)}, got {self.arch!r}")
         if self.model is None:
             self.model = self.resolve_model({})
         expected = MMRecConfig if self.arch == "mmrec" else TransformerConfig
@@ -272,12 +272,8 @@ class TrainConfig(ConfigMixin):
         """A saved config.json; one written before the model config was nested is read as flat values."""
         if not isinstance(data.get("model"), dict):
             return cls.from_flat({k: v for k, v in data.items() if k != "model"})
-        data = dict(data)
-        model = model_config_from_dict(data.get("arch", "mmrec"), data.pop("model"))
-        cfg = super().from_dict(data)  # type: ignore[misc]
-        cfg.model = model
-        cfg.__post_init__()
-        return cfg  # type: ignore[no-any-return]
+        data = {**data, "model": model_config_from_dict(data.get("arch", "mmrec"), data["model"])}
+        return super().from_dict(data)  # type: ignore[misc,no-any-return]
 
 
 def _run_model(
