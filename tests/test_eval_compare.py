@@ -106,7 +106,21 @@ def test_eval_bpb_command(trained_run):
     assert proc.returncode == 0, proc.stderr
     results = json.loads((out / "results.json").read_text())
     assert results["step"] == 6 and results["documents"] >= 1
-    assert 0 < results["overall_full_bpb"] < 9 and (out / "results.md").is_file()
+    assert (out / "results.md").is_file()
+    # Known answer: the validation documents of the run, scored here by one forward pass each.
+    from mmrec.data.cache import cached_dataset, source_specs
+    from mmrec.evals.common import load_checkpoint, run_data_settings
+
+    lm = load_checkpoint(str(trained_run / "run"), "cpu")
+    sources, text_field, val_fraction, data_cache = run_data_settings(lm)
+    dataset = cached_dataset(
+        source_specs(sources, text_field), lm.tokenizer, val_fraction, data_cache, log=lambda _: None, progress=False
+    )
+    docs = [d.tolist() for src in dataset.sources.values() for d in map(src.val.doc, range(src.val.n_docs))]
+    docs = [d for d in docs if len(d) >= 2]
+    bits = [direct_bpb(lm.model, d) * (len(d) - 1) for d in docs]  # byte tokens: one byte per scored token
+    assert results["documents"] == len(docs) >= 1
+    assert results["overall_full_bpb"] == pytest.approx(sum(bits) / sum(len(d) - 1 for d in docs), rel=1e-5)
     assert (out / "bpb_by_position.png").is_file()
     bad = run_mmrec(
         "eval", "bpb", "--checkpoint", str(trained_run / "corpus"), "--out", str(out), cache=trained_run / "cache"
@@ -145,6 +159,10 @@ def test_compare_micro_end_to_end(tmp_path):
         assert (out / fig).stat().st_size > 1000, fig
     results = json.loads((out / "results.json").read_text())
     assert set(results["models"]) == {"mmrec", "gpt", "llama", "mistral"}
+    # Every exponent is fitted over the same lengths, and the report says which.
+    fitted = {tuple(m["speed"]["exponent_lengths"]) for m in results["models"].values()}
+    assert len(fitted) == 1 and len(next(iter(fitted))) >= 2
+    assert "fitted over the same lengths for every model: T = " in report
     params = [json.loads((out / k / "summary.json").read_text())["tokens"] for k in results["models"]]
     assert len(set(params)) == 1, "every model trains on the same number of tokens"
     for key in results["models"]:
@@ -206,3 +224,121 @@ def test_compare_rejects_an_unbuildable_shape_before_training(tmp_path):
     opts = CompareOptions(out=str(tmp_path), overrides={"seq_len_schedule": "0:64,1K:400000"})
     with pytest.raises(ConfigError, match="GPT-style: cannot build the model for training: cannot match"):
         check_buildable(model_configs(opts), PRESETS["micro"])
+
+
+# What the compare report says ------------------------------------------------------------------------------------
+
+
+def test_exponents_are_fitted_over_the_lengths_every_model_ran():
+    from mmrec.evals.speed import fit_exponents
+
+    # MM-Rec linear to 512 and slow at 1,024 (say, paging); the Transformer quadratic, its 1,024 failed.
+    seconds = {
+        "mmrec": {128: 0.128, 256: 0.256, 512: 0.512, 1024: 4.096},
+        "llama": {128: 128**2 * 1e-6, 256: 256**2 * 1e-6, 512: 512**2 * 1e-6},
+    }
+    fits = fit_exponents(seconds)
+    assert fits["mmrec"]["exponent_lengths"] == fits["llama"]["exponent_lengths"] == [128, 256, 512]
+    assert fits["mmrec"]["exponent"] == pytest.approx(1.0) and fits["llama"]["exponent"] == pytest.approx(2.0)
+    assert fits["mmrec"]["shared"] and fit_exponent(list(seconds["mmrec"]), list(seconds["mmrec"].values())) > 1.4
+    # No two lengths in common: each model's own, and the result says so.
+    apart = fit_exponents({"mmrec": {128: 1.0, 256: 2.0}, "llama": {512: 1.0, 1024: 4.0}})
+    assert not apart["mmrec"]["shared"] and apart["llama"]["exponent_lengths"] == [512, 1024]
+    assert apart["llama"]["exponent"] == pytest.approx(2.0)
+
+
+def _models(final: dict[str, float | None], se: float | None = None, lengths: dict[str, list[int]] | None = None):
+    """The part of compare's results that the findings read."""
+    models = {}
+    for key, value in final.items():
+        ran = (lengths or {}).get(key, [512, 1024])
+        models[key] = {
+            "summary": {"val_bpb": value, **({"val_bpb_se": se} if se is not None else {})},
+            "bpb_by_position": {"gain_bpb": [None], "tokens": [0], "buckets": ["0-1K"]},
+            "speed": {
+                "exponent": 1.0,
+                "train": [{"seq_len": n, "seconds_per_step": 1.0, "batch": 1} for n in ran],
+                "state_bytes_32k": {"bytes": 1024},
+            },
+        }
+    return models
+
+
+def test_findings_call_close_losses_a_tie_and_name_the_fitted_lengths():
+    from mmrec.report import _findings, best_with_ties
+
+    final = {"mmrec": 2.550, "gpt": 3.633, "llama": 2.563, "mistral": 2.551}  # the small preset's numbers
+    text = " ".join(_findings({}, _models(final), {}, {}))
+    assert "a tie between MM-Rec (2.550), Mistral-style (2.551); then LLaMA-style 2.563, GPT-style 3.633" in text
+    assert "at most 0.01 bits/byte (no standard error was measured" in text and "loses" not in text
+    assert "fitted over the same lengths for every model: T = 512, 1,024" in text
+    # With standard errors the rule is two of them: 0.001 apart at SE 0.0001 is a difference, not a tie.
+    text = " ".join(_findings({}, _models(final, se=1e-4), {}, {}))
+    assert "Lowest final validation bits/byte: MM-Rec (2.550); then Mistral-style 2.551" in text
+    assert "within two standard errors" in text
+    se = {"a": 0.01, "b": 0.01, "c": None}  # 2 standard errors of the difference: 0.028
+    assert best_with_ties({"a": 1.0, "b": 1.02, "c": None}, se)[0] == ["a", "b"]
+    assert best_with_ties({"a": 1.0, "b": 1.03, "c": None}, se)[0] == ["a"]
+    # MM-Rec behind by more than the threshold loses, and says so; a model without a loss is not ranked.
+    text = " ".join(_findings({}, _models({"mmrec": 2.6, "llama": 2.5, "gpt": None}), {}, {}))
+    assert "Lowest final validation bits/byte: LLaMA-style (2.500); then MM-Rec 2.600" in text
+    assert "MM-Rec loses on final loss to LLaMA-style by 0.100" in text and "GPT" not in text.split("loses")[0]
+    # Lengths that differ between models are named, model by model.
+    text = " ".join(_findings({}, _models({"mmrec": 2.5, "llama": 2.6}, lengths={"llama": [512]}), {}, {}))
+    assert "fitted over different lengths (those each model ran): MM-Rec T = 512, 1,024; LLaMA-style T = 512" in text
+
+
+# The GPU scripts ---------------------------------------------------------------------------------------------
+
+
+STUB_PYTHON = """#!/usr/bin/env bash
+# A stand-in for python on a machine without a GPU: tests and benchmarks exit with the code asked for.
+case " $* " in
+  *" -m pytest "*) echo "stub: pytest"; exit "${STUB_PYTEST_RC:-0}" ;;
+  *bench_core.py*) echo "stub: bench_core"; exit "${STUB_CORE_RC:-0}" ;;
+  *bench_mixer.py*) echo "stub: bench_mixer"; exit 0 ;;
+  *" -m mmrec "*) echo "stub: mmrec"; exit 0 ;;
+  *triton*) echo "stub: torch, triton"; exit 0 ;;
+esac
+exec "REAL_PYTHON" "$@"
+"""
+
+
+def _run_gpu_script(tmp_path: Path, script: str, **env: str) -> subprocess.CompletedProcess:
+    import os
+
+    stubs = tmp_path / "bin"
+    stubs.mkdir(exist_ok=True)
+    (stubs / "python").write_text(STUB_PYTHON.replace("REAL_PYTHON", sys.executable))
+    (stubs / "nvidia-smi").write_text("#!/usr/bin/env bash\necho 'stub GPU, 80 GiB'\n")
+    for f in stubs.iterdir():
+        f.chmod(0o755)
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    full_env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "OUT": str(out), **env}
+    repo = Path(__file__).resolve().parents[1]
+    return subprocess.run(["bash", f"benchmarks/{script}"], cwd=repo, env=full_env, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("script", ["gpu_check.sh", "gpu_synth.sh", "gpu_train_check.sh"])
+def test_gpu_scripts_are_strict_bash(script: str):
+    text = (Path(__file__).resolve().parents[1] / "benchmarks" / script).read_text()
+    assert "set -euo pipefail" in text
+    assert (
+        subprocess.run(["bash", "-n", f"benchmarks/{script}"], cwd=Path(__file__).resolve().parents[1]).returncode == 0
+    )
+
+
+def test_a_failing_gpu_test_fails_the_gpu_scripts(tmp_path):
+    passed = _run_gpu_script(tmp_path, "gpu_check.sh")
+    assert passed.returncode == 0 and "all steps passed" in passed.stdout, passed.stderr
+    failed = _run_gpu_script(tmp_path, "gpu_check.sh", STUB_PYTEST_RC="1")
+    assert failed.returncode == 1 and "FAILED: tests" in failed.stderr
+    assert "== model benchmark" in failed.stdout  # the later steps still ran and logged
+    bench = _run_gpu_script(tmp_path, "gpu_check.sh", STUB_CORE_RC="3")
+    assert bench.returncode == 1 and "model benchmark (exit 3)" in bench.stderr
+    synth = dict(DEVICE="cuda", JOBS="tests", RUNS=str(tmp_path / "runs"))
+    assert _run_gpu_script(tmp_path, "gpu_synth.sh", **synth).returncode == 0
+    failed = _run_gpu_script(tmp_path, "gpu_synth.sh", STUB_PYTEST_RC="1", **synth)
+    assert failed.returncode == 1 and "gpu_tests (exit 1)" in failed.stderr
+    assert (tmp_path / "out" / "summary.md").is_file()  # the summary is written all the same

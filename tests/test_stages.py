@@ -442,7 +442,11 @@ def test_tracker_end_to_end(dataset, tmp_path, monkeypatch):
         metrics = tracker.measure(model, step, step * 128, val_loss=5.5, val_bpb=7.9)
         for key in ("unigram_bpb", "ngram_bpb", "context_gain", "ngram_context_gain", "knowledge_acc", "induction_acc"):
             assert key in metrics
-        assert metrics["kv_acc"] >= 0 and math.isfinite(metrics["window_loss"])
+        # Known answers: each probe accuracy is that of the probe scored on its own, and an untrained
+        # model (near-uniform logits) loses about ln 257 nats per token.
+        for name in ("kv", "induction"):
+            assert metrics[f"{name}_acc"] == run_probe(model, tracker.probes[name])["acc"], name
+        assert abs(metrics["window_loss"] - math.log(257)) < 0.05, metrics["window_loss"]
     assert model.training is False
     tracker.save(tmp_path / "run")
     data = json.loads((tmp_path / "run" / "stages.json").read_text())
@@ -462,6 +466,9 @@ def test_tracker_end_to_end(dataset, tmp_path, monkeypatch):
     again = StageTracker(dataset, tok, eval_seq_len=32, **kwargs)
     assert again.references == tracker.references
     assert again.restore(tmp_path / "run", up_to_step=1) == 1
+    # A model that answers the key-value probe by lookup scores 1 through the tracker, and one that guesses, ~0.
+    assert again.measure(_Oracle(tok.vocab_size, "match"), 3, 384)["kv_acc"] == 1.0
+    assert again.measure(_Oracle(tok.vocab_size, "uniform"), 4, 512)["kv_acc"] < 0.05
 
 
 def _fake_run(root: Path, corpus: Path) -> Path:

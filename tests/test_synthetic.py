@@ -12,6 +12,7 @@ import torch
 import mmrec
 from mmrec.cli import main
 from mmrec.cli.synth import InductionOptions, parse_mix
+from mmrec.cli.tasks import HELD_OUT_SEED
 from mmrec.evals.context import evaluate_task, plan_context, state_floats
 from mmrec.evals.synthetic import IGNORE, PAD_ID, induction_batch, mqar_batch, score, selective_copy_batch
 from mmrec.models.factory import build_model, resolve_model_config
@@ -348,6 +349,93 @@ def test_task_loop_steps_through_the_trainers_optimizer(monkeypatch: pytest.Monk
         assert all(p.dim() >= 2 for p in group["params"]) == (group["weight_decay"] > 0)
 
 
+# Held-out evaluation ----------------------------------------------------------
+
+
+class BatchLog:
+    """The rows of every batch drawn, by phase: "eval" inside an evaluation (a wrapped evaluate_task), else "train".
+
+    Batches drawn ahead by the training loop's background thread, and the one-row dry runs of the
+    options, count as training rows: an evaluation row must differ from all of them.
+    """
+
+    def __init__(self) -> None:
+        self.rows: dict[str, set[tuple[int, ...]]] = {"train": set(), "eval": set()}
+        self.counts = {"train": 0, "eval": 0}
+        self.phase = "train"
+
+    def evaluating(self, real: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            before, self.phase = self.phase, "eval"
+            try:
+                return real(*args, **kwargs)
+            finally:
+                self.phase = before
+
+        return wrapper
+
+    def recording(self, real: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            x, y = real(*args, **kwargs)
+            self.rows[self.phase].update(map(tuple, x.tolist()))
+            self.counts[self.phase] += x.size(0)
+            return x, y
+
+        return wrapper
+
+    def assert_held_out(self, min_eval_rows: int) -> None:
+        assert self.counts["eval"] >= min_eval_rows and self.counts["train"] > 0, self.counts
+        shared = self.rows["eval"] & self.rows["train"]
+        assert not shared, f"{len(shared)} evaluation sequences are training sequences"
+
+
+def test_task_loop_evaluates_on_batches_it_never_trained_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    log = BatchLog()
+    monkeypatch.setattr(tasks, "evaluate_task", log.evaluating(tasks.evaluate_task))
+    make_batch = log.recording(lambda b, g: induction_batch(b, 24, 16, g))
+    model = task_model("mmrec", 16, 16, 1, 1, chunk_size=8, mem_slots=2, summary_window=2)
+    result = train_task(model, make_batch, 5, 4, 1e-3, "cpu", seed=3, eval_batches=3, log=None)
+    log.assert_held_out(min_eval_rows=3 * 4)
+    assert len(log.rows["eval"]) == 12  # 12 distinct held-out sequences, none drawn for training
+    # The reported accuracy is that of those held-out batches (the training generator's are others).
+    held_out = evaluate_task(model, lambda b, g: induction_batch(b, 24, 16, g), 3, 4, "cpu", seed=3 + 1_000_003)
+    assert result["accuracy"] == held_out.accuracy
+
+
+@pytest.mark.parametrize("task", ["mqar", "induction"])
+def test_cli_evaluates_on_batches_it_never_trained_on(task: str, tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    import mmrec.cli.synth as cli_synth
+    import mmrec.cli.tasks as cli_tasks
+    from mmrec.evals import synthetic
+
+    log = BatchLog()
+    for module in (tasks, cli_tasks, cli_synth):
+        monkeypatch.setattr(module, "evaluate_task", log.evaluating(module.evaluate_task))
+    for name in ("mqar_batch", "induction_batch"):
+        monkeypatch.setattr(synthetic, name, log.recording(getattr(synthetic, name)))
+    common = ["--steps", "4", "--batch-size", "4", "--seed", "5", "--device", "cpu", "--out", str(tmp_path / task)]
+    if task == "mqar":
+        args = ["--seq-len", "32", "--kv-pairs", "4", "--vocab-size", "64", "--eval-batches", "2"]
+        minimum = 2 * 4
+    else:  # held out at the training length, then the test lengths (the training length among them)
+        args = ["--train-len", "24", "--test-lens", "24", "40", "--test-batches", "2", "--vocab-size", "16"]
+        minimum = 8 * 4 + 2 * 2 * 4
+    assert cli(["synth", task, *TINY_MODEL, *args, *common]) == 0
+    log.assert_held_out(minimum)
+
+
+def test_a_length_that_scores_nothing_is_not_evaluated() -> None:
+    def unscored(b: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = induction_batch(b, 20, 16, g)
+        return x, torch.full_like(y, IGNORE)
+
+    result = evaluate_task(tiny_mmrec(vocab=16), unscored, 2, 3, "cpu")
+    assert result.total == 0 and result.accuracy is None and "not evaluated" in result.note
+    from mmrec.cli.tasks import accuracy_text
+
+    assert accuracy_text(None) == "not evaluated" and accuracy_text(0.0) == "0.000"
+
+
 # Command line ----------------------------------------------------------------
 
 
@@ -364,7 +452,7 @@ def test_cli_mqar_writes_results(tmp_path) -> None:  # noqa: ANN001
     results = json.loads((out / "results.json").read_text())
     for key in ("accuracy", "state_floats", "arch", "d_model", "seq_len", "kv_pairs", "vocab_size", "steps"):
         assert key in results
-    assert 0.0 <= results["accuracy"] <= 1.0 and results["params"] > 0 and results["train_seconds"] > 0
+    assert results["params"] > 0 and results["train_seconds"] > 0
     assert results["model_config"]["n_layers"] == 2  # the task's preset; --d-model overrides its width
     assert (out / "results.md").read_text().startswith("# MQAR")
     assert (out / "loss.png").stat().st_size > 0
@@ -374,9 +462,11 @@ def test_cli_mqar_writes_results(tmp_path) -> None:  # noqa: ANN001
     assert loaded.path == out / "step-000006" and results["checkpoint"] == str(loaded.path)
     assert loaded.model_config.to_dict() == results["model_config"] and loaded.trained_seq_len == 32
     assert loaded.meta["kind"] == "synth" and loaded.config["task"] == "mqar"
-    x, y = mqar_batch(4, 32, 4, 64, gen(5))
-    correct, total = score(loaded.model(x).logits, y)
-    assert total == 16 and correct <= total
+    # The accuracy is that of the held-out batch (seed 0 + HELD_OUT_SEED) under the saved model, recomputed here.
+    x, y = mqar_batch(4, 32, 4, 64, gen(HELD_OUT_SEED))
+    with torch.no_grad():
+        correct, total = score(loaded.model(x).logits, y)
+    assert total == results["eval_queries"] == 16 and results["accuracy"] == correct / total
 
 
 def test_cli_mqar_trains_on_a_mix_and_tests_on_its_own_setting(tmp_path, capsys) -> None:  # noqa: ANN001
@@ -470,6 +560,7 @@ def test_cli_induction_streams_long_and_skips_what_cannot_run(tmp_path) -> None:
     assert cli([*args, "--n-tokens", "4", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["accuracy"]["300"] is None and "learns positions" in results["per_length"]["300"]["note"]
+    assert "| 300 | not evaluated |" in (out / "results.md").read_text()
     assert results["n_tokens"] == 4
 
 

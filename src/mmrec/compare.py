@@ -214,7 +214,7 @@ def _train_all(configs: dict[str, TrainConfig], log: Any) -> dict[str, dict[str,
 def _measure_speed(
     configs: dict[str, TrainConfig], preset: Preset, device: torch.device, log: Any
 ) -> dict[str, dict[str, Any]]:
-    from mmrec.evals.speed import decode_latency, fit_exponent, measure_isolated, train_throughput
+    from mmrec.evals.speed import decode_latency, fit_exponents, measure_isolated, train_throughput
     from mmrec.models import TransformerLM
 
     dtype = torch.bfloat16 if device.type == "cuda" else None
@@ -253,14 +253,14 @@ def _measure_speed(
                 f"[{LABELS[key]}] decode after {ctx:,} tokens: {d['ms_per_token']:.2f} ms/token, "
                 f"state {d['state_bytes'] / 2**20:.2f} MiB"
             )
-        ok = [r for r in rows if "seconds_per_step" in r]
-        per_seq = [r["seconds_per_step"] / r["batch"] for r in ok]
-        results[key] = {
-            "train": rows,
-            "decode": decode,
-            "exponent": fit_exponent([int(r["seq_len"]) for r in ok], per_seq),
-            "state_bytes_32k": _state_bytes_at(model, 32768),
-        }
+        results[key] = {"train": rows, "decode": decode, "state_bytes_32k": _state_bytes_at(model, 32768)}
+    # Seconds per sequence at every length that ran; the exponents are fitted over the lengths all models ran.
+    seconds = {
+        key: {int(r["seq_len"]): r["seconds_per_step"] / r["batch"] for r in res["train"] if "seconds_per_step" in r}
+        for key, res in results.items()
+    }
+    for key, fit in fit_exponents(seconds).items():
+        results[key].update(fit)
     return results
 
 

@@ -13,6 +13,10 @@ from mmrec.utils.fmt import human_bytes
 LABELS = {"mmrec": "MM-Rec", "gpt": "GPT-style", "llama": "LLaMA-style", "mistral": "Mistral-style"}
 COLORS = {"mmrec": "#d62728", "gpt": "#1f77b4", "llama": "#2ca02c", "mistral": "#9467bd"}
 STAGE_COLORS = ["#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
+# Two final losses closer than this (bits/byte) are reported as a tie when no standard error is known: a
+# single training seed evaluated once on one validation sample cannot order them (a stated threshold, not
+# a measured noise level). With standard errors (``val_bpb_se`` in a summary) the rule is two of them.
+TIE_BPB = 0.01
 
 
 def _read_csv(path: Path) -> list[dict[str, float]]:
@@ -38,8 +42,12 @@ def _stages(run: Path) -> dict[str, Any] | None:
 
 def _fmt(v: Any, digits: int = 3) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "-"
+        return "not evaluated"
     return f"{v:.{digits}f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v)
+
+
+def _or_nan(v: float | None) -> float:
+    return float("nan") if v is None else v
 
 
 def _plt() -> Any:
@@ -150,8 +158,9 @@ def plot_bpb_by_position(models: dict[str, Any], path: Path) -> None:
     for j, (key, m) in enumerate(models.items()):
         r = m["bpb_by_position"]
         x = np.arange(len(keep)) + j * width
-        axes[0].bar(x, [r["full_bpb"][i] or 0 for i in keep], width, color=COLORS[key], label=LABELS[key])
-        axes[1].bar(x, [r["gain_bpb"][i] or 0 for i in keep], width, color=COLORS[key], label=LABELS[key])
+        # A bucket not evaluated is left empty (nan), not drawn as 0.
+        axes[0].bar(x, [_or_nan(r["full_bpb"][i]) for i in keep], width, color=COLORS[key], label=LABELS[key])
+        axes[1].bar(x, [_or_nan(r["gain_bpb"][i]) for i in keep], width, color=COLORS[key], label=LABELS[key])
     for ax, title in (
         (axes[0], "bits per byte, full context"),
         (axes[1], "long-context gain: cut-context bpb minus full-context bpb"),
@@ -177,7 +186,7 @@ def plot_speed(models: dict[str, Any], path: Path) -> None:
             [r["tokens_per_s"] for r in ok],
             "o-",
             color=COLORS[key],
-            label=f"{LABELS[key]} (exponent {s['exponent']:.2f})",
+            label=f"{LABELS[key]} (exponent {_fmt(s['exponent'], 2)})",
         )
         dec = [d for d in s["decode"] if "ms_per_token" in d]
         axes[1].plot(
@@ -290,7 +299,8 @@ def _report_lines(
         [f"{_fmt(prog[k][0])} -> {_fmt(prog[k][1])}" for k in keys],
     )
     row("loss progression, nats/token", [f"{_fmt(prog[k][2])} -> {_fmt(prog[k][3])}" for k in keys])
-    row("data amount (tokens trained)", [_fmt(int(models[k]["summary"].get("tokens", 0))) for k in keys])
+    tokens = {k: models[k]["summary"].get("tokens") for k in keys}
+    row("data amount (tokens trained)", [_fmt(None if tokens[k] is None else int(tokens[k])) for k in keys])
     row(
         "context trained / evaluated (tokens)",
         [
@@ -313,8 +323,8 @@ def _report_lines(
     row("final validation bits/byte", [_fmt(models[k]["summary"].get("val_bpb")) for k in keys])
     lines += [
         "",
-        "Exponent: the slope of log(time per sequence) against log(length) for forward + backward over the "
-        "measured lengths (1 = linear, 2 = quadratic). Bytes at 32K: "
+        "Exponent: the slope of log(time per sequence) against log(length) for forward + backward "
+        f"(1 = linear, 2 = quadratic), {exponent_lengths_text(models)}. Bytes at 32K: "
         + "; ".join(f"{LABELS[k]}: {models[k]['speed']['state_bytes_32k']['how']}" for k in keys)
         + ".",
     ]
@@ -435,12 +445,16 @@ def _findings(
     ranked = sorted((v, k) for k, v in final.items() if v is not None)
     if ranked:
         best_v, best = ranked[0]
-        out.append(
-            f"Lowest final validation bits/byte: {LABELS[best]} ({best_v:.3f}); "
-            + ", ".join(f"{LABELS[k]} {v:.3f}" for v, k in ranked[1:])
-            + "."
-        )
-        if "mmrec" in final and final["mmrec"] is not None and best != "mmrec":
+        tied, rule = best_with_ties(final, {k: models[k]["summary"].get("val_bpb_se") for k in keys})
+        rest = ", ".join(f"{LABELS[k]} {v:.3f}" for v, k in ranked if k not in tied)
+        if len(tied) == 1:
+            text = f"Lowest final validation bits/byte: {LABELS[best]} ({best_v:.3f})"
+        else:
+            text = "Lowest final validation bits/byte: a tie between " + ", ".join(
+                f"{LABELS[k]} ({final[k]:.3f})" for k in tied
+            )
+        out.append(f"{text}{'; then ' + rest if rest else ''}. A difference {rule} is called a tie.")
+        if "mmrec" in final and final["mmrec"] is not None and "mmrec" not in tied:
             out.append(
                 f"MM-Rec loses on final loss to {LABELS[best]} by {final['mmrec'] - best_v:.3f} bits/byte "
                 "at this budget."
@@ -483,10 +497,11 @@ def _findings(
         )
     exps = {k: models[k]["speed"]["exponent"] for k in keys}
     out.append(
-        "Time against length (fitted exponent, training): "
-        + ", ".join(f"{LABELS[k]} {v:.2f}" for k, v in exps.items() if v == v)
-        + ". MM-Rec's cost per token stays flat where attention's grows; at short windows the Transformers are as "
-        "fast or faster."
+        "Time against length (fitted exponent, training, "
+        + exponent_lengths_text(models)
+        + "): "
+        + ", ".join(f"{LABELS[k]} {_fmt(v, 2)}" for k, v in exps.items())
+        + "."
     )
     st32 = {k: models[k]["speed"]["state_bytes_32k"]["bytes"] for k in keys}
     if "mmrec" in st32:
@@ -507,3 +522,43 @@ def _findings(
             )
         )
     return out
+
+
+def best_with_ties(
+    values: dict[str, float | None], se: dict[str, float | None], threshold: float = TIE_BPB
+) -> tuple[list[str], str]:
+    """The models tied for the lowest value, lowest first, and the rule that decided it, in words.
+
+    Two values tie when their difference is within two standard errors of it (every model's
+    standard error known), else when it is at most ``threshold``. Models without a value are left out.
+    """
+    ranked = sorted((v, k) for k, v in values.items() if v is not None)
+    if not ranked:
+        return [], ""
+    best_v, best = ranked[0]
+    errors = {k: e for k, e in se.items() if e is not None}
+    if all(k in errors for _, k in ranked):
+        tied = [k for v, k in ranked if v - best_v <= 2 * math.hypot(errors[best], errors[k])]
+        return tied, "within two standard errors of the difference"
+    tied = [k for v, k in ranked if v - best_v <= threshold]
+    return tied, (
+        f"of at most {threshold:g} bits/byte (no standard error was measured: one training seed, one validation sample)"
+    )
+
+
+def exponent_lengths_text(models: dict[str, Any]) -> str:
+    """Which lengths the exponents were fitted over: the same for all models, or each model's own."""
+    used = {}
+    for key, m in models.items():
+        speed = m["speed"]
+        lengths = speed.get("exponent_lengths")
+        if lengths is None:  # results of an older version: each model fitted over the lengths it ran
+            lengths = [r["seq_len"] for r in speed["train"] if "seconds_per_step" in r]
+        used[key] = list(lengths)
+    distinct = {tuple(v) for v in used.values()}
+    if len(distinct) == 1:
+        lengths = next(iter(distinct))
+        return "fitted over the same lengths for every model: T = " + ", ".join(f"{n:,}" for n in lengths)
+    return "fitted over different lengths (those each model ran): " + "; ".join(
+        f"{LABELS[k]} T = {', '.join(f'{n:,}' for n in v) or 'none'}" for k, v in used.items()
+    )

@@ -18,11 +18,14 @@ import torch
 from mmrec.cli.commands import CHECKPOINT_HELP, DEVICE_HELP
 from mmrec.cli.tasks import (
     GIB,
+    HELD_OUT_BATCHES,
     TaskOptions,
+    accuracy_text,
     at_least,
     check_out_folder,
     command,
     finite,
+    held_out_evaluator,
     make_out,
     model_fields,
     plot_loss,
@@ -30,6 +33,7 @@ from mmrec.cli.tasks import (
 )
 from mmrec.config import ConfigError, _doc, _positive, _require
 from mmrec.evals import passkey as pk
+from mmrec.evals import passkey_report as pkr
 from mmrec.evals.common import write_results
 from mmrec.evals.context import BEYOND_MODES
 from mmrec.models.checkpoint import load
@@ -194,6 +198,8 @@ def run_synth_passkey(opts: SynthPasskeyOptions) -> int:
     )
     # The model and tokenizer are saved as a step directory before the held-out evaluation and the grid, so a
     # long grid that is cut short loses no training; `mmrec eval passkey --checkpoint OUT` grades them again.
+    # Held out: training prompts of other keys, depths and fillers (seed + HELD_OUT_SEED).
+    evaluate, held_out = held_out_evaluator(make_batch, HELD_OUT_BATCHES, opts.batch_size, device, opts.seed)
     trained = train_task(
         model,
         make_batch,
@@ -203,13 +209,15 @@ def run_synth_passkey(opts: SynthPasskeyOptions) -> int:
         device,
         opts.log_every,
         opts.seed,
+        evaluate,
         betas=TASK_BETAS,
         max_seconds=opts.max_seconds,
         write_l1=opts.write_l1,
         write_l1_warmup=opts.write_l1_warmup,
         output=TaskOutput(out, hi, tokenizer, opts.settings("passkey")),
     )
-    print(f"held-out accuracy at the key's tokens ({span}-token prompts): {trained['accuracy']:.3f}", flush=True)
+    accuracy = held_out[-1].accuracy
+    print(f"held-out accuracy at the key's tokens ({span}-token prompts): {accuracy_text(accuracy)}", flush=True)
     base = {
         "task": "passkey",
         **fields,
@@ -221,7 +229,7 @@ def run_synth_passkey(opts: SynthPasskeyOptions) -> int:
         "batch_size": opts.batch_size,
         "lr": opts.lr,
         "train_seconds": round(trained["train_seconds"], 3),
-        "train_accuracy": trained["accuracy"],
+        "train_accuracy": accuracy,
         "checkpoint": str(trained["checkpoint"]),
         "loss_history": trained["history"],
     }
@@ -229,13 +237,13 @@ def run_synth_passkey(opts: SynthPasskeyOptions) -> int:
     grid = opts.grade(model, tokenizer, device, hi, opts.seed, filler)
     results = {**base, **{k: v for k, v in grid.items() if k != "arch"}}
     filler_name = opts.filler or "the five sentences, shuffled"
-    table = pk.passkey_table(results) + (
+    table = pkr.passkey_table(results) + (
         f"\nTrained {trained['steps']} steps on prompts of {span} tokens (filler: {filler_name}), scored at the "
         f"key{' and its repeat in the needle' if opts.score_repeat else ''}; held-out accuracy at the scored tokens "
-        f"{trained['accuracy']:.3f}.\n"
+        f"{accuracy_text(accuracy)}.\n"
     )
     write_results(out, results, table)
-    png = pk.plot_passkey_heatmap(results, out / "heatmap.png")
+    png = pkr.plot_passkey_heatmap(results, out / "heatmap.png")
     plot_loss(out, trained["history"], f"passkey training loss ({fields['arch']})")
     print(table)
     wrote = [out / "results.json", out / "results.md", *([png] if png else []), trained["checkpoint"]]
@@ -312,9 +320,9 @@ def run_eval_passkey(opts: EvalPasskeyOptions) -> int:
     make_out(opts.out)
     results = opts.grade(model, tokenizer, device, trained_len, opts.seed, filler)
     results.update({"checkpoint": str(loaded.path), "step": loaded.step, "device": str(device), "filler": opts.filler})
-    table = pk.passkey_table(results)
+    table = pkr.passkey_table(results)
     out = write_results(opts.out, results, table)
-    png = pk.plot_passkey_heatmap(results, out / "heatmap.png")
+    png = pkr.plot_passkey_heatmap(results, out / "heatmap.png")
     print(table)
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}" + (f" and {png}" if png else ""))
     return 0

@@ -19,10 +19,14 @@ import torch
 from mmrec.cli.passkey import EVAL_PASSKEY, PASSKEY_DATA, SYNTH_PASSKEY
 from mmrec.cli.tasks import (
     GIB,
+    HELD_OUT_BATCHES,
+    HELD_OUT_SEED,
     TaskOptions,
+    accuracy_text,
     at_least,
     command,
     finite,
+    held_out_evaluator,
     make_out,
     model_fields,
     plot_lines,
@@ -40,7 +44,6 @@ __all__ = ["COMMANDS", "EVAL_PASSKEY"]
 
 # Zoology's MQAR training set (Arora et al. 2023, zoology/experiments): (seq_len, kv_pairs, examples).
 ZOOLOGY_MQAR_MIX = ((64, 4, 100_000), (128, 8, 20_000), (256, 16, 20_000), (256, 32, 20_000), (256, 64, 20_000))
-HELD_OUT_SEED = 1_000_003  # added to --seed: the evaluation batches are never training batches
 
 
 def parse_mix(values: list[str]) -> list[tuple[int, int, float]]:
@@ -148,16 +151,8 @@ def run_mqar(opts: MqarOptions) -> int:
     )
     model, device = _start(opts, "MQAR", opts.longest, summary)
     fields = model_fields(opts, model, device)
-    held_out: list[TaskEval] = []
-
-    def evaluate(m: torch.nn.Module) -> float:
-        # Fresh batches from another seed: the accuracy train_task reports, kept whole for the table.
-        ev = evaluate_task(
-            m, opts.test_batch, opts.eval_batches, opts.batch_size, device, seed=opts.seed + HELD_OUT_SEED
-        )
-        held_out.append(ev)
-        return float(ev.accuracy or 0.0)
-
+    # Fresh batches of the test setting from another seed: the accuracy train_task reports, kept whole.
+    evaluate, held_out = held_out_evaluator(opts.test_batch, opts.eval_batches, opts.batch_size, device, opts.seed)
     trained = train_task(
         model,
         opts.train_batch,
@@ -175,7 +170,7 @@ def run_mqar(opts: MqarOptions) -> int:
         output=_output(opts, "mqar", opts.longest),
     )
     evaluation = held_out[-1]
-    accuracy = float(evaluation.accuracy or 0.0)
+    accuracy = evaluation.accuracy  # None (null, "not evaluated") when nothing could be scored
     mix = opts.mix
     results = {
         "task": "mqar",
@@ -204,7 +199,8 @@ def run_mqar(opts: MqarOptions) -> int:
         "| arch | d_model | seq_len | kv_pairs | vocab | steps | accuracy | state floats | params | train s |\n"
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
         f"| {arch} | {fields['d_model']} | {opts.seq_len} | {opts.kv_pairs} | {opts.vocab_size} | {trained['steps']} | "
-        f"{accuracy:.3f} | {results['state_floats']:,} | {fields['params']:,} | {trained['train_seconds']:.0f} |\n\n"
+        f"{accuracy_text(accuracy)} | {results['state_floats']:,} | {fields['params']:,} | "
+        f"{trained['train_seconds']:.0f} |\n\n"
         f"Accuracy over {evaluation.total:,} held-out queries (chance {2 / opts.vocab_size:.4f}).\n"
         + ("Trained on the mix " + ", ".join(f"{t}:{kv} (weight {w:g})" for t, kv, w in mix) + ".\n" if mix else "")
     )
@@ -302,6 +298,9 @@ def run_length_task(opts: LengthTaskOptions) -> int:
     summary = f"training {opts.steps} steps of {opts.batch_size} x {opts.train_len} tokens"
     model, device = _start(opts, task, opts.train_len, summary)
     fields = model_fields(opts, model, device)
+    evaluate, held_out = held_out_evaluator(
+        opts.batches(opts.train_len), HELD_OUT_BATCHES, opts.batch_size, device, opts.seed
+    )
     trained = train_task(
         model,
         opts.batches(opts.train_len),
@@ -311,6 +310,7 @@ def run_length_task(opts: LengthTaskOptions) -> int:
         device,
         opts.log_every,
         opts.seed,
+        evaluate,
         betas=TASK_BETAS,
         max_seconds=opts.max_seconds,
         write_l1=opts.write_l1,
@@ -332,8 +332,9 @@ def run_length_task(opts: LengthTaskOptions) -> int:
             trained_len=opts.train_len,
             beyond=opts.transformer_context,
         )
-        acc = "skipped" if ev.accuracy is None else f"{ev.accuracy:.3f}"
-        print(f"  {length:>8,} tokens: accuracy {acc}  ({ev.note}; {ev.seconds:.1f}s)", flush=True)
+        print(
+            f"  {length:>8,} tokens: accuracy {accuracy_text(ev.accuracy)}  ({ev.note}; {ev.seconds:.1f}s)", flush=True
+        )
         evals.append(ev)
     elem = next(model.parameters()).element_size()
 
@@ -362,7 +363,7 @@ def run_length_task(opts: LengthTaskOptions) -> int:
         "stream_window": opts.stream_window,
         "transformer_context": opts.transformer_context,
         "train_seconds": round(trained["train_seconds"], 3),
-        "train_accuracy": trained["accuracy"],
+        "train_accuracy": held_out[-1].accuracy,
         "accuracy": {k: v["accuracy"] for k, v in per_length.items()},
         "per_length": per_length,
         "checkpoint": str(trained["checkpoint"]),
@@ -378,19 +379,18 @@ def run_length_task(opts: LengthTaskOptions) -> int:
         "|---:|---:|---:|---|",
     ]
     for ev in evals:
-        acc = "skipped" if ev.accuracy is None else f"{ev.accuracy:.3f}"
-        lines.append(f"| {ev.seq_len:,} | {acc} | {held(ev):,} | {ev.note} |")
+        lines.append(f"| {ev.seq_len:,} | {accuracy_text(ev.accuracy)} | {held(ev):,} | {ev.note} |")
     lines += [
         "",
-        f"Held-out accuracy at the training length after training: {trained['accuracy']:.3f}; "
-        f"chance {chance:.3f}. A skipped length shows the state it would have needed.",
+        f"Held-out accuracy at the training length after training: {accuracy_text(held_out[-1].accuracy)}; "
+        f"chance {chance:.3f}. A length not evaluated shows the state it would have needed.",
     ]
     table = "\n".join(lines) + "\n"
     out = write_results(opts.out, results, table)
-    ran = [ev for ev in evals if ev.accuracy is not None]
+    ran = [(float(ev.seq_len), ev.accuracy) for ev in evals if ev.accuracy is not None]  # none drawn as 0
     plot_lines(
         out / "accuracy.png",
-        {arch: ([float(ev.seq_len) for ev in ran], [float(ev.accuracy or 0.0) for ev in ran])},
+        {arch: ([n for n, _ in ran], [a for _, a in ran])},
         "test length (tokens)",
         "accuracy",
         f"{task}: trained at {opts.train_len}, tested long ({arch})",

@@ -23,12 +23,17 @@ import torch
 from mmrec.cli.command import Command
 from mmrec.cli.commands import DEVICE_HELP, add_model_options, model_values
 from mmrec.config import ConfigError, ModelConfig, _doc, _positive, _require
+from mmrec.evals.context import TaskEval, evaluate_task
 from mmrec.models.factory import label, resolve_model_config
 from mmrec.train.config import TrainConfig
 from mmrec.utils.device import resolve_device
 from mmrec.utils.options import build, field_names, given
 
 GIB = 2**30
+# Added to --seed for every held-out evaluation: its batches come from another generator stream than training's,
+# so no evaluation batch is a training batch (tests/test_synthetic.py checks it batch by batch).
+HELD_OUT_SEED = 1_000_003
+HELD_OUT_BATCHES = 8  # held-out batches at the training length after training (train_task's own default)
 OUT_HELP = "Output folder (created): results.json, results.md, figures, metrics.csv and the trained model (step-N/)."
 
 
@@ -137,6 +142,29 @@ class TaskOptions:
         """The options as saved in meta.json (the model config is saved beside them)."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
         return {"task": task, **values}
+
+
+def accuracy_text(value: float | None, digits: int = 3) -> str:
+    """An accuracy for a table; a result that does not exist is "not evaluated", never 0."""
+    return "not evaluated" if value is None else f"{value:.{digits}f}"
+
+
+def held_out_evaluator(
+    make_batch: Any, n_batches: int, batch_size: int, device: torch.device, seed: int, **kwargs: Any
+) -> tuple[Callable[[torch.nn.Module], float], list[TaskEval]]:
+    """``eval_fn`` for ``train_task`` on held-out batches (seed + HELD_OUT_SEED), and the list it fills.
+
+    The list keeps every evaluation whole, so a result that could not be measured stays None (null in
+    results.json); ``train_task`` itself only receives a number (nan for none).
+    """
+    done: list[TaskEval] = []
+
+    def evaluate(model: torch.nn.Module) -> float:
+        ev = evaluate_task(model, make_batch, n_batches, batch_size, device, seed=seed + HELD_OUT_SEED, **kwargs)
+        done.append(ev)
+        return math.nan if ev.accuracy is None else ev.accuracy
+
+    return evaluate, done
 
 
 # Command-line construction ------------------------------------------------------------------------------------

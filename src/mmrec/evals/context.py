@@ -23,7 +23,7 @@ import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -103,6 +103,14 @@ class ContextPlan:
             yield start, min(seq_len, start + self.window)
 
 
+def is_recurrent(model: nn.Module) -> bool:
+    """A model that reads any length through a fixed-size state: MM-Rec, or any module with ``init_state``
+    whose forward takes and returns that state (the stand-ins of the evaluators' tests)."""
+    return isinstance(model, MMRecLM) or (
+        not isinstance(model, TransformerLM) and callable(getattr(model, "init_state", None))
+    )
+
+
 def plan_context(
     model: nn.Module,
     seq_len: int,
@@ -125,19 +133,24 @@ def plan_context(
         raise ValueError(f"beyond must be one of {', '.join(BEYOND_MODES)}, got {beyond!r}")
     if window is not None and window < 1:
         raise ValueError(f"window must be >= 1 token, got {window}")
-    if not isinstance(model, (MMRecLM, TransformerLM)):
-        raise TypeError(f"plan_context needs an MMRecLM or TransformerLM, got {type(model).__name__}")
+    if not (isinstance(model, TransformerLM) or is_recurrent(model)):
+        raise TypeError(
+            f"plan_context needs a TransformerLM or a recurrent model (init_state, as MMRecLM), got "
+            f"{type(model).__name__}"
+        )
     w = seq_len if window is None else min(window, seq_len)
     # Every call returns [B, w, V] float32 logits; keep them within an eighth of the budget.
-    w = max(1, min(w, (max_memory_bytes // 8) // (batch * model.config.vocab_size * 4)))
-    if isinstance(model, MMRecLM):
-        per_stream = model.init_state(1).nbytes()
+    vocab_size: int = cast(Any, model).config.vocab_size
+    w = max(1, min(w, (max_memory_bytes // 8) // (batch * vocab_size * 4)))
+    if not isinstance(model, TransformerLM):
+        per_stream = model.init_state(1).nbytes()  # type: ignore[operator]
+        name = "MM-Rec" if isinstance(model, MMRecLM) else type(model).__name__
         return ContextPlan(
             "recurrent",
             w,
             None,
             per_stream * batch,
-            f"MM-Rec streams {seq_len:,} tokens in windows of {w:,} with a constant state of "
+            f"{name} streams {seq_len:,} tokens in windows of {w:,} with a constant state of "
             f"{_fmt_bytes(per_stream)} per stream",
         )
     c = model.config
@@ -196,7 +209,7 @@ class TaskEval:
     """Accuracy of a model on held-out batches of one task at one length."""
 
     seq_len: int
-    accuracy: float | None  # None when skipped
+    accuracy: float | None  # None when skipped or when no position was scored: not evaluated
     correct: int
     total: int
     mode: str
@@ -266,13 +279,14 @@ def evaluate_task(
     finally:
         model.train(was_training)
     assert plan is not None
+    # Nothing scored is no result: None (written as null, "not evaluated"), never an accuracy of 0.
     return TaskEval(
         T,
-        correct / total if total else 0.0,
+        correct / total if total else None,
         correct,
         total,
         plan.mode,
-        plan.note,
+        plan.note if total else f"{plan.note}; not evaluated: no position of the batches was scored",
         plan.memory_bytes,
         time.perf_counter() - t0,
     )

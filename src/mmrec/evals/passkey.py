@@ -16,7 +16,8 @@ sliding window of its trained length beyond it (see ``context.plan_context``).
 
 ``passkey_documents`` writes the same layout, answer included, as training
 text: mixed into ``mmrec train`` at short lengths it teaches the retrieval
-format without long sequences.
+format without long sequences. The tables and the heatmap of a grid are in
+:mod:`mmrec.evals.passkey_report`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -36,7 +36,8 @@ import torch
 from torch import Tensor, nn
 
 from mmrec.evals.context import DEFAULT_MAX_MEMORY_BYTES, ContextPlan, plan_context
-from mmrec.models import KVCache, MMRecState, TransformerLM
+from mmrec.models import MMRecLM, TransformerLM
+from mmrec.models.state import TensorState
 from mmrec.utils.device import autocast_for, resolve_device
 
 FILLER_SENTENCES = (
@@ -359,11 +360,23 @@ def write_passkey_documents(path: str | Path, docs: Iterator[dict[str, Any]]) ->
 
 
 def _select_stream(state: Any, i: int) -> Any:
-    """Stream i of a batched state, as a batch of one (views: forward never writes into a state)."""
-    if isinstance(state, (MMRecState, KVCache)):
+    """Stream i of a batched state, as a batch of one (views: forward never writes into a state).
+
+    Any :class:`TensorState` (MMRecState, KVCache, a test's stand-in) whose tensors are [L, B, ...].
+    """
+    if isinstance(state, TensorState):
         views = {k: t[:, i : i + 1] for k, t in state.tensors().items()}  # [L, 1, ...] per tensor
         return dataclasses.replace(cast(Any, state), **views)
     raise TypeError(f"cannot select a stream of a {type(state).__name__}")
+
+
+def answer_matches(generated: str, key: str) -> bool:
+    """Exact match: the greedy continuation, stripped of surrounding spaces, is the key itself.
+
+    All digits must be right, and nothing may be added: a continuation that holds the key with
+    something else ("912345" for 12345) is wrong, as is one that repeats the key elsewhere.
+    """
+    return generated.strip() == key
 
 
 def _digit_mask(tokenizer: Any, ids: Sequence[int]) -> list[bool]:
@@ -425,7 +438,7 @@ def _run_cell(
                 st, logits = out.state, out.logits[:, -1].float()
         text = tokenizer.decode(generated)
         answers.append(text.strip())
-        exact.append(text.strip() == prompt.key)
+        exact.append(answer_matches(text, prompt.key))
         # Teacher-forced: log p(answer[0] | prompt), then each next token given the right ones before it.
         lp = [float(torch.log_softmax(last[i], dim=-1)[answer[0]])]
         if len(answer) > 1:
@@ -512,7 +525,10 @@ def evaluate_passkey(
                         )
     finally:
         model.train(was_training)
-    arch = f"transformer-{model.config.preset}" if isinstance(model, TransformerLM) else "mmrec"
+    if isinstance(model, TransformerLM):
+        arch = f"transformer-{model.config.preset}"
+    else:
+        arch = "mmrec" if isinstance(model, MMRecLM) else type(model).__name__
     return {
         "arch": arch,
         "lengths": list(lengths),
@@ -521,71 +537,7 @@ def evaluate_passkey(
         "stream_window": window,
         "trained_len": trained_len,
         "max_memory_bytes": max_memory_bytes,
-        "seed": seed,
+        "seed": seed,  # of the keys (np.random.default_rng([seed, length, depth index]))
+        "filler_seed": filler_seed,
         "cells": [dataclasses.asdict(c) for c in cells],
     }
-
-
-def _fmt(v: float | None, spec: str) -> str:
-    return "skipped" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
-
-
-def passkey_table(results: dict[str, Any]) -> str:
-    """Markdown: exact match and digit log-likelihood, depth by length, and the notes."""
-    lengths, depths = results["lengths"], results["depths"]
-    cell = {(c["length"], c["depth"]): c for c in results["cells"]}
-    head = "| depth | " + " | ".join(f"{n:,}" for n in lengths) + " |"
-    rule = "|---|" + "---:|" * len(lengths)
-    lines = [f"# Passkey retrieval ({results['arch']}, {results['trials']} trials per cell)", ""]
-    for title, key, spec in (
-        ("Exact match (greedy answer == key)", "exact_match", ".2f"),
-        ("Digit log-likelihood (nats per digit token, teacher-forced; 0 is certain)", "digit_logprob", ".3f"),
-    ):
-        lines += [f"## {title}", "", head, rule]
-        for d in depths:
-            lines.append(f"| {d:g} | " + " | ".join(_fmt(cell[(n, d)][key], spec) for n in lengths) + " |")
-        lines.append("")
-    lines += ["## How each length was read", ""]
-    for n in lengths:
-        c = cell[(n, depths[0])]
-        per_stream = c["memory_bytes_per_stream"]
-        memory = f" ({per_stream:,} bytes of state or KV cache per stream)" if per_stream else ""
-        lines.append(f"- {n:,} tokens: {c['note']}{memory}")
-    return "\n".join(lines) + "\n"
-
-
-def plot_passkey_heatmap(results: dict[str, Any], path: str | Path) -> Path | None:
-    """Depth x length heatmap of exact match; skipped cells hatched grey. None without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    lengths, depths = results["lengths"], results["depths"]
-    cell = {(c["length"], c["depth"]): c for c in results["cells"]}
-    grid = np.array(
-        [
-            [np.nan if cell[(n, d)]["exact_match"] is None else cell[(n, d)]["exact_match"] for n in lengths]
-            for d in depths
-        ]
-    )
-    fig, ax = plt.subplots(figsize=(1.2 * len(lengths) + 2.5, 0.6 * len(depths) + 2))
-    cmap = matplotlib.colormaps["RdYlGn"].with_extremes(bad="#cccccc")
-    im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
-    for r, d in enumerate(depths):
-        for k, n in enumerate(lengths):
-            v = cell[(n, d)]["exact_match"]
-            ax.text(k, r, "skip" if v is None else f"{v:.2f}", ha="center", va="center", fontsize=8)
-    ax.set_xticks(range(len(lengths)), [f"{n:,}" for n in lengths], rotation=30)
-    ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
-    ax.set_xlabel("prompt length (tokens)")
-    ax.set_ylabel("depth of the pass key")
-    ax.set_title(f"Passkey retrieval, exact match ({results['arch']})")
-    fig.colorbar(im, ax=ax, fraction=0.05)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

@@ -108,6 +108,28 @@ def fit_exponent(lengths: list[int], seconds: list[float]) -> float:
     return sum((p[0] - mx) * (p[1] - my) for p in pts) / var if var > 0 else float("nan")
 
 
+def fit_exponents(seconds: dict[str, dict[int, float]]) -> dict[str, dict[str, Any]]:
+    """The time-against-length exponent of every model, fitted over the same lengths for all.
+
+    ``seconds[model][length]`` holds the lengths a model was measured at (a failed measurement is
+    left out). Every exponent is fitted over the lengths that all models have, so the exponents
+    compare like with like; when fewer than two lengths are shared, each model's own lengths are
+    used and ``shared`` says so. Returns per model ``exponent``, ``exponent_lengths`` (the lengths
+    fitted) and ``shared``.
+    """
+    common = sorted(set.intersection(*(set(s) for s in seconds.values()))) if seconds else []
+    shared = len(common) >= 2
+    out: dict[str, dict[str, Any]] = {}
+    for key, by_length in seconds.items():
+        lengths = common if shared else sorted(by_length)
+        out[key] = {
+            "exponent": fit_exponent(lengths, [by_length[n] for n in lengths]),
+            "exponent_lengths": lengths,
+            "shared": shared,
+        }
+    return out
+
+
 def _child(queue: Any, fn: Callable[..., dict[str, float]], build: Callable[[], nn.Module], kwargs: dict) -> None:
     from mmrec.utils.cpu import tune_glibc_malloc
 
