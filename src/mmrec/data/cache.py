@@ -10,7 +10,7 @@ from typing import Any
 
 from mmrec.data.prepare import dataset_fingerprint, prepare_dataset
 from mmrec.data.shards import PreparedDataset, load_dataset
-from mmrec.data.sources import SourceSpec, parse_source, resolve_sources
+from mmrec.data.sources import DataError, SourceSpec, parse_source, resolve_sources
 
 
 def default_cache_root(data_cache: str | None = None) -> Path:
@@ -39,18 +39,26 @@ def cached_dataset(
 
     In multi-process runs only the process with ``prepare=True`` writes; all
     call ``wait`` (a barrier) before loading. ``progress`` shows a bar while
-    preparing; ``verify`` checks every shard's sha256 on loading (sizes are
-    always checked).
+    preparing; ``verify`` checks every shard's sha256 on loading (sizes and
+    the manifest's own checksum are always checked). A damaged cache is
+    prepared again; one that a killed run left half-written was never put
+    in place (``prepare_dataset`` renames only a complete one).
     """
     data_dir = default_cache_root(data_cache) / dataset_fingerprint(specs, tokenizer, val_fraction)
+    dataset = None
     if prepare:
         if (data_dir / "manifest.json").is_file():
-            log(f"data: reusing prepared shards in {data_dir}")
-        else:
+            try:
+                dataset = load_dataset(data_dir, tokenizer, verify=verify)
+                log(f"data: reusing prepared shards in {data_dir}")
+            except DataError as e:
+                # A cache: prepared again (and replaced whole) rather than used or left to block the run.
+                log(f"data: the prepared shards in {data_dir} are damaged ({e}); preparing them again")
+        if dataset is None:
             log(f"data: preparing {len(specs)} source(s) into {data_dir}")
             manifest = prepare_dataset(specs, tokenizer, data_dir, val_fraction, progress=progress)
             mb = sum(s["train"]["n_bytes"] + s["val"]["n_bytes"] for s in manifest["sources"].values()) / 1e6
             seconds = max(manifest["prepare_seconds"], 1e-9)
             log(f"data: prepared {mb:,.1f} MB in {seconds:.1f}s ({mb / seconds:,.1f} MB/s)")
     wait()
-    return load_dataset(data_dir, tokenizer, verify=verify)
+    return dataset if dataset is not None else load_dataset(data_dir, tokenizer, verify=verify)

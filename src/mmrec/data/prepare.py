@@ -1,7 +1,9 @@
 """Tokenise text sources once into memory-mappable shards (the format: ``mmrec.data.shards``).
 
 All sources are checked before any tokenising, and a dataset is written to a
-temporary directory renamed into place only when complete.
+temporary directory renamed into place only when complete: a run killed or
+stopped part-way (SIGKILL, SIGTERM, Ctrl-C, a full disk) leaves nothing at
+the output path, and the next run removes what a killed one left behind.
 
 The train/validation split is per document and follows from a hash of the
 document id alone (``split_of``): re-running on the same inputs, or adding
@@ -21,9 +23,15 @@ import heapq
 import json
 import math
 import os
+import re
 import shutil
+import signal
+import socket
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -34,6 +42,17 @@ from mmrec.data.builtin import stdlib_root
 from mmrec.data.shards import FORMAT_VERSION, MANIFEST, SPLITS, Manifest, SplitWriter, token_dtype, tokenizer_id_of
 from mmrec.data.sources import DataError, SkipStats, SourceSpec, iter_documents, resolve_sources, source_files
 from mmrec.tokenizer import ByteTokenizer
+from mmrec.utils.files import (
+    SEAL_KEY,
+    DiskFullError,
+    file_record,
+    free_bytes,
+    fsync_dir,
+    human_bytes,
+    is_disk_full,
+    sealed_json,
+    write_bytes_durably,
+)
 
 # Documents are tokenised in batches of up to this many documents or bytes (one call to encode_batch each).
 BATCH_DOCS = 512
@@ -276,10 +295,36 @@ def _split_single_document(
         w.close()
 
 
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Remove the temporary and set-aside directories of earlier runs on this machine that were killed
+    (their process is gone); another machine's are left alone."""
+    pattern = re.compile(rf"^{re.escape(out.name)}\.(tmp|old)-{re.escape(_host())}-(\d+)$")
+    if not out.parent.is_dir():
+        return
+    for p in out.parent.iterdir():
+        match = pattern.match(p.name)
+        if match and p.is_dir() and not _alive(int(match.group(2))):
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def _replace_dir(new: Path, out: Path) -> None:
     """Put ``new`` at ``out``; an existing ``out`` stays whole until ``new`` is complete and renamed."""
     if out.exists():
-        old = out.with_name(f"{out.name}.old-{os.getpid()}")
+        old = out.with_name(f"{out.name}.old-{_host()}-{os.getpid()}")
         if old.exists():
             shutil.rmtree(old)
         os.replace(out, old)
@@ -287,6 +332,66 @@ def _replace_dir(new: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(new, out)
+    fsync_dir(out.parent)
+
+
+class _Stopped(BaseException):
+    """SIGTERM arrived while preparing (raised in the main thread, so the partial dataset is removed)."""
+
+
+@contextmanager
+def _sigterm_stops() -> Iterator[None]:
+    """While preparing, SIGTERM raises (so cleanup runs) instead of ending the process on the spot; left as it
+    is where the caller installed its own handler or this is not the main thread."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) not in (
+        signal.SIG_DFL,
+        None,
+    ):
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise _Stopped
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _source_bytes(specs: list[SourceSpec]) -> int | None:
+    """Bytes of the sources' files (None when one is not a local file: the built-in corpus, a hub data set)."""
+    total = 0
+    for spec in specs:
+        if spec.is_builtin or spec.is_hf:
+            return None
+        for path, _ in source_files(spec):
+            try:
+                total += path.stat().st_size
+            except OSError:
+                return None
+    return total
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
+def _disk_full(out: Path, tmp: Path, specs: list[SourceSpec], itemsize: int, error: BaseException) -> DiskFullError:
+    written = _dir_bytes(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
+    text = _source_bytes(specs)
+    need = f"the shards take {itemsize} bytes per token"
+    if text is not None:
+        need = f"the sources hold {human_bytes(text)} of text, so the shards need up to {human_bytes(text * itemsize)}"
+    return DiskFullError(
+        f"data prepare: no space left on device in {out.parent} while writing the shards of {out} "
+        f"({human_bytes(written)} written before the disk filled, then removed; {need}; "
+        f"{human_bytes(free_bytes(out.parent))} free now). Nothing was left at the output path; free some space "
+        "or prepare somewhere else (--out, or --data-cache / MMREC_DATA_CACHE for a training run's cache), then "
+        "run again"
+    )
 
 
 def prepare_dataset(
@@ -300,9 +405,12 @@ def prepare_dataset(
     """Tokenise every source into ``out_dir`` (layout in the module docstring) and return its manifest.
 
     All sources are checked before any tokenising. The dataset is built in
-    ``<out_dir>.tmp-<pid>`` and renamed into place only when complete, so an
-    interrupted run never leaves a half-written dataset at ``out_dir`` and an
-    existing one is replaced only by a complete one. A directory at
+    ``<out_dir>.tmp-<host>-<pid>`` and renamed into place only when complete,
+    so an interrupted run never leaves a half-written dataset at ``out_dir``
+    and an existing one is replaced only by a complete one; SIGTERM removes
+    the partial dataset and exits with 143, a full disk raises DiskFullError
+    (what, where, how much), and what a killed run left is removed by the
+    next one. A directory at
     ``out_dir`` that is neither empty nor a prepared dataset is refused
     rather than replaced.
     """
@@ -319,46 +427,74 @@ def prepare_dataset(
     vocab_size = int(tokenizer.vocab_size)
     dtype = token_dtype(vocab_size)
     fingerprint = dataset_fingerprint(resolved, tokenizer, val_fraction, min_val_docs=min_val_docs)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    _remove_leftovers(out)
+    tmp = out.with_name(f"{out.name}.tmp-{_host()}-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     bar = _Progress(progress)
     try:
-        entries = [
-            _prepare_source(spec, tokenizer, tmp / str(spec.name), dtype, vocab_size, val_fraction, min_val_docs, bar)
-            for spec in resolved
-        ]
+        with _sigterm_stops():
+            manifest = _prepare_into(tmp, resolved, tokenizer, dtype, vocab_size, val_fraction, min_val_docs, bar)
+            manifest["fingerprint"] = fingerprint
+            manifest["prepare_seconds"] = seconds = time.perf_counter() - start
+            manifest["bytes_per_second"] = manifest.n_bytes / max(seconds, 1e-9)
+            data, digest = sealed_json(manifest, indent=2)
+            write_bytes_durably(tmp / MANIFEST, data)
+            manifest[SEAL_KEY] = digest
+            _replace_dir(tmp, out)
+    except BaseException as e:
         bar.close()
-        if hasattr(tokenizer, "save"):
-            tokenizer.save(tmp / "tokenizer.json")
-        from mmrec.version import __version__
-
-        seconds = time.perf_counter() - start
-        n_bytes = sum(e[s]["n_bytes"] for e in entries for s in SPLITS)
-        manifest = Manifest(
-            format_version=FORMAT_VERSION,
-            mmrec_version=__version__,
-            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            fingerprint=fingerprint,
-            tokenizer={
-                "id": tokenizer_id_of(tokenizer),
-                "name": getattr(tokenizer, "name", ""),
-                "vocab_size": vocab_size,
-            },
-            val_fraction=float(val_fraction),
-            min_val_docs=min_val_docs,
-            n_bytes=n_bytes,
-            n_tokens=sum(e[s]["n_tokens"] for e in entries for s in SPLITS),
-            prepare_seconds=seconds,
-            bytes_per_second=n_bytes / max(seconds, 1e-9),
-            sources={e["name"]: e for e in entries},
-        )
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        _replace_dir(tmp, out)
-    except BaseException:
-        bar.close()
+        if isinstance(e, Exception) and is_disk_full(e):
+            raise _disk_full(out, tmp, resolved, dtype.itemsize, e) from e
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, _Stopped):
+            print(f"data prepare: stopped by SIGTERM; removed the partial data {tmp}", file=sys.stderr, flush=True)
+            raise SystemExit(128 + signal.SIGTERM) from None
         raise
     manifest.path = out
     return manifest
+
+
+def _prepare_into(
+    tmp: Path,
+    resolved: list[SourceSpec],
+    tokenizer: Any,
+    dtype: np.dtype,
+    vocab_size: int,
+    val_fraction: float,
+    min_val_docs: int,
+    bar: _Progress,
+) -> Manifest:
+    """Every source's shards and the tokenizer into ``tmp``; the manifest (without timing and seal)."""
+    entries = [
+        _prepare_source(spec, tokenizer, tmp / str(spec.name), dtype, vocab_size, val_fraction, min_val_docs, bar)
+        for spec in resolved
+    ]
+    bar.close()
+    tokenizer_file = None
+    if hasattr(tokenizer, "save"):
+        tokenizer.save(tmp / "tokenizer.json")
+        tokenizer_file = {"name": "tokenizer.json", **file_record(tmp / "tokenizer.json", sync=True)}
+    from mmrec.version import __version__
+
+    n_bytes = sum(e[s]["n_bytes"] for e in entries for s in SPLITS)
+    return Manifest(
+        format_version=FORMAT_VERSION,
+        mmrec_version=__version__,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        fingerprint="",
+        tokenizer={
+            "id": tokenizer_id_of(tokenizer),
+            "name": getattr(tokenizer, "name", ""),
+            "vocab_size": vocab_size,
+        },
+        tokenizer_file=tokenizer_file,
+        val_fraction=float(val_fraction),
+        min_val_docs=min_val_docs,
+        n_bytes=n_bytes,
+        n_tokens=sum(e[s]["n_tokens"] for e in entries for s in SPLITS),
+        prepare_seconds=0.0,
+        bytes_per_second=0.0,
+        sources={e["name"]: e for e in entries},
+    )

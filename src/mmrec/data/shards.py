@@ -5,7 +5,8 @@ tokenised up front (``mmrec.data.prepare``) into flat binary files that
 ``numpy.memmap`` reads with no parsing and no copy. Layout of a prepared
 dataset directory::
 
-    manifest.json              what was prepared, from what, with which tokenizer; sizes and sha256 of every file
+    manifest.json              what was prepared, from what, with which tokenizer; sizes and sha256 of every
+                               file; sealed: it holds the sha256 of its own bytes (``mmrec.utils.files``)
     tokenizer.json             the tokenizer used (``mmrec.tokenizer.load_tokenizer`` reads it)
     <source>/train.tokens.bin  token ids of the training documents, concatenated (little-endian uint16 or uint32)
     <source>/train.offsets.bin int64, n_docs + 1 entries: document i is tokens[off[i]:off[i + 1]]
@@ -19,7 +20,6 @@ sampling), so one prepared dataset serves any mixture of its sources.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from array import array
@@ -31,12 +31,12 @@ import numpy as np
 
 from mmrec.data.sources import DataError
 from mmrec.tokenizer import tokenizer_id
+from mmrec.utils.files import SEAL_KEY, file_record, seal_problem, sha256_file
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
 MANIFEST = "manifest.json"
 _COPY_CHUNK = 1 << 24
-_HASH_CHUNK = 1 << 22
 
 
 def tokenizer_id_of(tokenizer: Any) -> str:
@@ -103,12 +103,10 @@ def _dtype_name(dtype: np.dtype) -> str:
     return "uint16" if dtype.itemsize == 2 else "uint32"
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+def _write_array(f: Any, array: np.ndarray) -> None:
+    """Raw bytes of ``array`` through a Python file: a full disk is then an OSError(ENOSPC), where
+    ``ndarray.tofile`` reports only how many bytes it wrote."""
+    f.write(np.ascontiguousarray(array).data.cast("B"))
 
 
 class SplitWriter:
@@ -137,7 +135,7 @@ class SplitWriter:
             self.offsets.append(end)
         self.hashes.extend(hashes)
         self.doc_bytes.extend(n_bytes)
-        np.concatenate(docs).astype(self.dtype, copy=False).tofile(self._file)
+        _write_array(self._file, np.concatenate(docs).astype(self.dtype, copy=False))
 
     def close(self) -> None:
         self._file.close()
@@ -164,7 +162,7 @@ class SplitWriter:
             for i in [*gone, self.n_docs]:
                 a, b = int(off[start]), int(off[i])
                 for c in range(a, b, _COPY_CHUNK):
-                    np.asarray(tokens[c : min(b, c + _COPY_CHUNK)]).tofile(f)
+                    _write_array(f, tokens[c : min(b, c + _COPY_CHUNK)])
                 start = i + 1
         del tokens
         os.replace(tmp, self.tokens_path)
@@ -176,14 +174,15 @@ class SplitWriter:
 
     def finish(self) -> dict[str, Any]:
         self.close()
-        np.asarray(self.offsets, dtype="<i8").tofile(self.offsets_path)
+        with self.offsets_path.open("wb") as f:
+            _write_array(f, np.asarray(self.offsets, dtype="<i8"))
         return {
             "n_docs": self.n_docs,
             "n_tokens": int(self.offsets[-1]),
             "n_bytes": int(sum(self.doc_bytes)),
             "dtype": _dtype_name(self.dtype),
             "files": {
-                kind: {"name": p.name, "size": p.stat().st_size, "sha256": _sha256_file(p)}
+                kind: {"name": p.name, **file_record(p, sync=True)}
                 for kind, p in (("tokens", self.tokens_path), ("offsets", self.offsets_path))
             },
         }
@@ -253,12 +252,13 @@ _RERUN = "re-run `mmrec data prepare` to rebuild it"
 
 
 def _check_file(path: Path, info: dict[str, Any], verify: bool) -> None:
+    """``path`` against its manifest record: size always, sha256 with ``verify``; DataError names it."""
     if not path.is_file():
         raise DataError(f"{path} is missing; {_RERUN}")
     size = path.stat().st_size
     if size != info["size"]:
         raise DataError(f"{path} has {size} bytes but the manifest says {info['size']} (truncated?); {_RERUN}")
-    if verify and _sha256_file(path) != info["sha256"]:
+    if verify and sha256_file(path) != info["sha256"]:
         raise DataError(f"{path} does not match its checksum in the manifest (corrupted); {_RERUN}")
 
 
@@ -301,9 +301,16 @@ def load_dataset(out_dir: str | Path, tokenizer: Any = None, verify: bool = True
     if not manifest_path.is_file():
         raise DataError(f"{root} is not a prepared dataset (no {MANIFEST}); run `mmrec data prepare` first")
     try:
-        raw = json.loads(manifest_path.read_text(encoding="utf-8"))
+        text = manifest_path.read_bytes()
+        raw = json.loads(text.decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"cannot read {manifest_path}: {e}; {_RERUN}") from e
+    # Manifests from before the seal have none of its marks (two keys, and the key's text: one flipped
+    # byte cannot remove all three).
+    if isinstance(raw, dict) and (SEAL_KEY in raw or "tokenizer_file" in raw or SEAL_KEY.encode() in text):
+        problem = seal_problem(text)
+        if problem is not None:
+            raise DataError(f"{manifest_path} {problem}; {_RERUN}")
     version = raw.get("format_version") if isinstance(raw, dict) else None
     if version != FORMAT_VERSION:
         raise DataError(
@@ -318,6 +325,9 @@ def load_dataset(out_dir: str | Path, tokenizer: Any = None, verify: bool = True
                 f"{root} was prepared with tokenizer {want!r}, but the tokenizer given is {given!r}; "
                 f"use the tokenizer in {root / 'tokenizer.json'} or prepare the data again with this one"
             )
+        tok_record = manifest.get("tokenizer_file")
+        if tok_record is not None:
+            _check_file(root / tok_record["name"], tok_record, verify)
         sources = {}
         for entry in manifest["sources"].values():
             directory = root / entry["name"]

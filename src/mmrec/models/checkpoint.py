@@ -9,6 +9,12 @@ name and renamed into place, so a directory under its final name is complete::
         meta.json              format, kind, arch, model config, step, trained_seq_len, ... - written last
         (training adds optimizer.pt, state-rankN.safetensors, rankN.json)
 
+meta.json lists the size and sha256 of every other file under ``files`` and
+is sealed (it holds the sha256 of its own bytes, ``mmrec.utils.files``):
+:func:`verify` finds a truncated, flipped or missing file and names it.
+Checkpoints from before the checksums load with a warning that nothing was
+verified.
+
 ``mmrec train``, ``mmrec synth ...`` and ``mmrec compare`` write it;
 :func:`load` reads it back for evaluation, generation and serving, without
 importing the trainer. Folders of ``mmrec synth passkey`` from before this
@@ -35,7 +41,21 @@ from mmrec.config import ModelConfig, TransformerConfig
 from mmrec.models.factory import build_model, label, model_config_from_dict, resolve_model_config
 from mmrec.tokenizer import load_tokenizer
 from mmrec.utils.counts import longest_window
-from mmrec.utils.files import save_tensors
+from mmrec.utils.files import (
+    SEAL_KEY,
+    ChecksumError,
+    DiskFullError,
+    file_problem,
+    file_record,
+    free_bytes,
+    fsync_dir,
+    human_bytes,
+    is_disk_full,
+    save_tensors,
+    seal_problem,
+    sealed_json,
+    write_bytes_durably,
+)
 
 FORMAT = 1
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
@@ -45,6 +65,10 @@ META = "meta.json"
 
 class CheckpointError(ValueError):
     """A path that is not a usable checkpoint; the message says what it is and what to pass instead."""
+
+
+class UnverifiedCheckpointWarning(UserWarning):
+    """A checkpoint written before checksums: loaded, but nothing in it could be verified."""
 
 
 # Directories ------------------------------------------------------------------
@@ -67,42 +91,148 @@ def list_checkpoints(out: Path) -> list[Path]:
     complete = [p for p in found if is_complete(p)]
     for p in sorted(set(found) - set(complete)):
         warnings.warn(f"ignoring incomplete checkpoint {p} (no meta.json or weights)", stacklevel=2)
-    return sorted(complete, key=lambda p: int(STEP_DIR.match(p.name).group(1)))  # type: ignore[union-attr]
+    return sorted(complete, key=step_of)
+
+
+def step_of(path: Path) -> int:
+    match = STEP_DIR.match(path.name)
+    if match is None:
+        raise ValueError(f"{path} is not a step directory")
+    return int(match.group(1))
 
 
 def begin(out: Path, step: int) -> Path:
-    """A fresh temporary directory for the checkpoint of ``step``."""
-    tmp = Path(out) / f".{step_dir_name(step)}.tmp"
+    """A fresh temporary directory for the checkpoint of ``step``; leftovers of killed writes are removed."""
+    out = Path(out)
+    if out.is_dir():
+        for stale in out.glob(".step-*"):
+            if stale.is_dir() and stale.suffix in (".tmp", ".old", ".del"):
+                shutil.rmtree(stale, ignore_errors=True)
+    tmp = out / f".{step_dir_name(step)}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     return tmp
 
 
+def _retire(path: Path) -> None:
+    """Remove a step directory so that it vanishes at once: renamed to a hidden name first, then deleted."""
+    gone = path.with_name(f".{path.name}.del")
+    if gone.exists():
+        shutil.rmtree(gone, ignore_errors=True)
+    os.replace(path, gone)
+    shutil.rmtree(gone, ignore_errors=True)
+
+
 def commit(tmp: Path, meta: dict[str, Any], keep: int) -> Path:
-    """Write meta.json, rename into place, drop all but the newest ``keep``."""
-    write_json(tmp / META, meta)
+    """Record every file's size and sha256 in a sealed meta.json, flush, rename into place, then drop all
+    but the newest ``keep`` checkpoints older than this one (newer ones - left by a resume from an older
+    checkpoint - are this run's to replace, not to delete)."""
+    files = {p.name: file_record(p, sync=True) for p in sorted(tmp.iterdir()) if p.is_file() and p.name != META}
+    data, _ = sealed_json({**meta, "files": files})
+    write_bytes_durably(tmp / META, data)
+    fsync_dir(tmp)
     final = tmp.parent / tmp.name[1:].removesuffix(".tmp")
     if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in list_checkpoints(final.parent)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        aside = final.with_name(f".{final.name}.old")
+        if aside.exists():
+            shutil.rmtree(aside)
+        os.replace(final, aside)
+        os.replace(tmp, final)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    fsync_dir(final.parent)
+    older = [p for p in list_checkpoints(final.parent) if step_of(p) < step_of(final)]
+    for old in older[: max(0, len(older) - (keep - 1))]:
+        _retire(old)
     return final
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a nest of dicts, lists and tuples (what writing them needs, about)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def abandon(tmp: Path, error: BaseException, needed: int | None, advice: str, remove: bool = True) -> None:
+    """Remove the half-written checkpoint ``tmp`` after ``error``; when the disk filled up, raise a
+    DiskFullError saying what, where, how much and what was kept (else the caller re-raises ``error``)."""
+    if remove:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if not is_disk_full(error):
+        return
+    out, name = tmp.parent, tmp.name[1:].removesuffix(".tmp")
+    previous = list_checkpoints(out)
+    kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint was saved"
+    raise DiskFullError(
+        f"checkpoint {name}: no space left on device in {out} (the checkpoint needs about {human_bytes(needed)}; "
+        f"{human_bytes(free_bytes(out))} free after removing the partial one); {kept}. {advice}"
+    ) from error
 
 
 def write_json(path: Path, data: Any) -> None:
     """Atomically: to a temporary name, flushed to disk, then renamed."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_bytes_durably(Path(path), json.dumps(data, indent=1).encode("utf-8"))
 
 
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+# Verifying ------------------------------------------------------------------
+
+
+def _read_meta(step_dir: Path) -> tuple[dict[str, Any], bytes]:
+    path = step_dir / META
+    try:
+        raw = path.read_bytes()
+        meta = json.loads(raw.decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path} is unreadable (damaged or cut short): {e}") from e
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} is unreadable: it holds no JSON object")
+    return meta, raw
+
+
+def is_sealed(meta: dict[str, Any], raw: bytes) -> bool:
+    """Whether a meta.json was written with checksums. Three marks, so that one flipped byte cannot make a
+    checkpoint with checksums pass for an older one without them."""
+    return "files" in meta or SEAL_KEY in meta or SEAL_KEY.encode() in raw
+
+
+def verify(step_dir: str | Path, names: list[str] | None = None, require: tuple[str, ...] = ()) -> dict[str, Any]:
+    """meta.json of ``step_dir`` after checking it and its files (all listed ones, or ``names`` of them);
+    raises CheckpointError naming the first damaged, cut or missing file. ``require``: files that must be
+    listed. A checkpoint without checksums (older mmrec) gives an UnverifiedCheckpointWarning."""
+    step_dir = Path(step_dir)
+    meta, raw = _read_meta(step_dir)
+    if not is_sealed(meta, raw):
+        warnings.warn(
+            f"{step_dir} was written without checksums (an older mmrec); its files are not verified",
+            UnverifiedCheckpointWarning,
+            stacklevel=2,
+        )
+        return meta
+    problem = seal_problem(raw)
+    if problem is not None:
+        raise CheckpointError(f"{step_dir / META} {problem}")
+    files = meta.get("files")
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{step_dir / META} has no list of files (damaged)")
+    missing = [n for n in require if n not in files]
+    if missing:
+        raise CheckpointError(f"{step_dir} lacks {', '.join(missing)} (not written with it)")
+    for name in sorted(files) if names is None else [n for n in names if n in files]:
+        problem = file_problem(step_dir / name, files[name])
+        if problem is not None:
+            raise CheckpointError(f"{step_dir / name} {problem}")
+    return meta
 
 
 # Writing --------------------------------------------------------------------
@@ -147,10 +277,15 @@ def save_checkpoint(
 
     ``tokenizer`` None: a model of raw token ids (a synthetic task); :func:`load` gives it no tokenizer."""
     tmp = begin(Path(out), step)
-    write_model_files(tmp, model.state_dict(), tokenizer)
-    meta = model_meta(model, kind=kind, step=step, trained_seq_len=trained_seq_len, **extra)
-    meta["tokenizer"] = None if tokenizer is None else "tokenizer.json"
-    return commit(tmp, meta, keep)
+    weights = model.state_dict()
+    try:
+        write_model_files(tmp, weights, tokenizer)
+        meta = model_meta(model, kind=kind, step=step, trained_seq_len=trained_seq_len, **extra)
+        meta["tokenizer"] = None if tokenizer is None else "tokenizer.json"
+        return commit(tmp, meta, keep)
+    except Exception as e:
+        abandon(tmp, e, tensor_bytes(weights), "Free some space and run again.")
+        raise
 
 
 # Loading ----------------------------------------------------------------------
@@ -207,7 +342,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     """
     step_dir = resolve_checkpoint(path)
     try:
-        meta = _legacy_synth_meta(step_dir) if _is_legacy_synth(step_dir) else read_json(step_dir / META)
+        meta = _legacy_synth_meta(step_dir) if _is_legacy_synth(step_dir) else _verified(step_dir)
         tok_file = step_dir / "tokenizer.json"
         tokenizer: Any = None
         if tok_file.exists():
@@ -236,6 +371,16 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
         trained_seq_len=int(meta["trained_seq_len"]),
         meta=meta,
     )
+
+
+def _verified(step_dir: Path) -> dict[str, Any]:
+    """meta.json, with the files :func:`load` reads checked (weights, tokenizer, meta.json itself)."""
+    try:
+        return verify(step_dir, names=[WEIGHTS, "tokenizer.json"])
+    except (CheckpointError, ChecksumError) as e:
+        others = [p.name for p in list_checkpoints(step_dir.parent) if p != step_dir]
+        hint = f"; load an older checkpoint of the run ({', '.join(others)})" if others else ""
+        raise CheckpointError(f"--checkpoint: {e}; nothing was loaded{hint}") from e
 
 
 def run_data_settings(loaded: LoadedModel) -> tuple[list[str], str, float, str | None]:

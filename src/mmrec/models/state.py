@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -12,7 +13,19 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from mmrec.utils.files import save_tensors
+from mmrec.utils.files import (
+    SEAL_KEY,
+    SEAL_PLACEHOLDER,
+    ChecksumError,
+    reporting_disk_full,
+    safetensors_header,
+    save_tensors,
+    seal_safetensors,
+    sealed_safetensors_problem,
+)
+
+# Saved states hold the sha256 of their own bytes (mmrec.utils.files) and this mark beside it.
+STATE_FORMAT = "2"
 
 
 class StateError(ValueError):
@@ -57,27 +70,41 @@ class TensorState:
         raise NotImplementedError
 
     def save(self, path: str | Path, config: dict[str, Any] | None = None) -> None:
-        """Write the state as safetensors; ``config`` is stored to check it on load."""
-        meta = {"kind": self.kind, "position": str(self.position)}
+        """Write the state as safetensors holding its own checksum; ``config`` is stored to check it on load.
+
+        Written to a temporary name and renamed, so ``path`` is the old file or the whole new one; a full
+        disk raises DiskFullError and leaves no partial file."""
+        meta = {"kind": self.kind, "position": str(self.position), "format": STATE_FORMAT, SEAL_KEY: SEAL_PLACEHOLDER}
         if config is not None:
             meta["config"] = json.dumps(config, sort_keys=True)
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
-        save_tensors(self.tensors(), tmp, metadata=meta)
-        tmp.replace(path)
+        try:
+            with reporting_disk_full(f"saving the state {path.name}", path.parent, self.nbytes()):
+                save_tensors(self.tensors(), tmp, metadata=meta)
+                seal_safetensors(tmp)
+                tmp.replace(path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     @classmethod
     def load(cls, path: str | Path, config: dict[str, Any] | None = None, device: str | torch.device = "cpu") -> Any:
-        """Read a state saved by :meth:`save`; if ``config`` is given it must match the saved one."""
+        """Read a state saved by :meth:`save`, after checking its checksum (StateError names a damaged file);
+        if ``config`` is given it must match the saved one. A state saved before checksums loads with a
+        warning that it was not verified."""
         path = Path(path)
         if not path.is_file():
             raise StateError(f"no state file at {path}")
         try:
+            _verify(path)
             from safetensors import safe_open
 
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
             tensors = load_file(str(path), device=str(device))
+        except StateError:
+            raise
         except Exception as e:  # safetensors raises several types for corrupt files
             raise StateError(f"{path} is not a readable safetensors state file: {e}") from e
         if meta.get("kind") != cls.kind:
@@ -96,6 +123,24 @@ class TensorState:
         if missing:
             raise StateError(f"state file lacks tensor(s) {', '.join(missing)}")
         return cls(position=position, **{n: tensors[n] for n in names})
+
+
+def _verify(path: Path) -> None:
+    """Check a state file against the checksum it holds (StateError naming it when damaged)."""
+    try:
+        header = safetensors_header(path)
+        meta = json.loads(header.decode("utf-8")).get("__metadata__") or {}
+    except ChecksumError as e:
+        raise StateError(str(e)) from e
+    except (UnicodeDecodeError, ValueError, AttributeError) as e:
+        raise StateError(f"{path} is damaged: its safetensors header is unreadable ({e})") from e
+    # Three marks, so that one flipped byte cannot make a state with a checksum pass for an older one.
+    if SEAL_KEY not in meta and "format" not in meta and SEAL_KEY.encode() not in header:
+        warnings.warn(f"{path} was saved without a checksum (an older mmrec); it is not verified", stacklevel=3)
+        return
+    problem = sealed_safetensors_problem(path, header)
+    if problem is not None:
+        raise StateError(f"{path} {problem}")
 
 
 @dataclass

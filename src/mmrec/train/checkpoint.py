@@ -10,13 +10,19 @@
 
 A directory counts as complete only under its final name and with meta.json;
 ``--resume auto`` ignores anything else (a half-written checkpoint from a
-killed run) and says so.
+killed run) and says so. Every file is checked against the size and sha256
+meta.json records before a resume: ``--resume auto`` passes over a damaged
+checkpoint with a warning naming the file and takes the newest intact one.
+A checkpoint that cannot be written (a full disk) is removed whole; the
+previous ones stay as they were.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import random
+import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +33,8 @@ from safetensors.torch import load_file
 from mmrec.config import ConfigError
 from mmrec.models import MMRecState
 from mmrec.models.checkpoint import (
+    CheckpointError,
+    abandon,
     begin,
     commit,
     is_complete,
@@ -34,9 +42,12 @@ from mmrec.models.checkpoint import (
     model_meta,
     read_json,
     step_dir_name,
+    tensor_bytes,
+    verify,
     write_json,
 )
 from mmrec.train.distributed import (
+    all_reduce_sum,
     barrier,
     full_state_dict,
     load_full_state_dict,
@@ -47,6 +58,7 @@ from mmrec.train.distributed import (
 from mmrec.utils.files import save_tensors
 
 __all__ = [
+    "CheckpointError",
     "begin",
     "commit",
     "find_resume",
@@ -57,20 +69,54 @@ __all__ = [
     "rng_state",
     "set_rng_state",
     "step_dir_name",
+    "verify_for_resume",
     "write_json",
 ]
 
 
+class DamagedCheckpointWarning(UserWarning):
+    """``--resume auto`` passed over a checkpoint whose files do not match their checksums."""
+
+
+def verify_for_resume(path: Path) -> dict[str, Any]:
+    """meta.json of ``path`` after checking every file a resume reads; CheckpointError names a bad one."""
+    meta = verify(path)
+    if "files" in meta:  # written with checksums: what a resume reads must have been written with it
+        ranks = [f"rank{r}.json" for r in range(int(meta.get("world_size", 1)))]
+        verify(path, names=[], require=("model.safetensors", "optimizer.pt", *ranks))
+    return meta
+
+
 def find_resume(out: Path, resume: str) -> Path | None:
-    """The checkpoint ``--resume`` names: 'auto' -> newest complete in ``out`` (None if none)."""
+    """The checkpoint ``--resume`` names: 'auto' -> the newest intact one in ``out`` (None if there is none).
+
+    A newer checkpoint with a damaged, cut or missing file is passed over with a warning that names the
+    file; if every checkpoint is damaged, CheckpointError (nothing is started over silently)."""
     if resume == "auto":
-        found = list_checkpoints(out)
-        return found[-1] if found else None
+        damaged = []
+        for path in reversed(list_checkpoints(out)):
+            try:
+                verify_for_resume(path)
+            except CheckpointError as e:
+                warnings.warn(f"resume: passing over {path.name}: {e}", DamagedCheckpointWarning, stacklevel=2)
+                damaged.append(str(e))
+                continue
+            return path
+        if damaged:
+            raise CheckpointError(
+                f"resume: no intact checkpoint in {out}: {'; '.join(damaged)}. Nothing was changed; move the "
+                "damaged step directories away to start from scratch, or restore them from a copy"
+            )
+        return None
     path = Path(resume)
     if not path.is_dir():
         raise FileNotFoundError(f"--resume: no checkpoint directory {path}")
     if not is_complete(path):
         raise ValueError(f"--resume: {path} is not a complete checkpoint (no meta.json or model.safetensors)")
+    try:
+        verify_for_resume(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"--resume: {e}; nothing was changed (resume from another checkpoint)") from e
     return path
 
 
@@ -131,6 +177,8 @@ class TrainerCheckpoints:
     device: torch.device
 
     def save_checkpoint(self) -> Path:
+        """A complete step directory, or none: a write that fails (a full disk) on any rank removes the
+        partial one on rank 0 and raises on every rank, with the previous checkpoints untouched."""
         cfg = self.cfg
         tmp = self.out / f".{step_dir_name(self.step)}.tmp"
         if self.dist.is_main:
@@ -138,10 +186,6 @@ class TrainerCheckpoints:
         barrier(self.dist)
         weights = full_state_dict(self.model, self.dist, cfg.fsdp)
         opt_state = optimizer_state(self.model, self.opt, self.dist, cfg.fsdp)
-        if self.dist.is_main:
-            save_tensors(weights, tmp / "model.safetensors")
-            torch.save(opt_state, tmp / "optimizer.pt")
-            self.tokenizer.save(tmp / "tokenizer.json")
         r = self.dist.rank
         states = {
             f"{m}.{k}": v.detach().cpu().contiguous()
@@ -149,20 +193,30 @@ class TrainerCheckpoints:
             if st is not None
             for k, v in st.tensors().items()
         }
-        positions = [st.position if st is not None else None for st in self.states]
-        if states:
-            save_tensors(states, tmp / f"state-rank{r}.safetensors")
-        write_json(
-            tmp / f"rank{r}.json",
-            {
-                "loader": self.loader.state_dict(),
-                "rng": rng_state(),
-                "positions": positions,
-                "stage_index": self.stage_index,
-            },
-        )
-        barrier(self.dist)
+        needed = tensor_bytes([weights, opt_state, states]) * (self.dist.world_size if states else 1)
+        failure: Exception | None = None
+        try:
+            if self.dist.is_main:
+                save_tensors(weights, tmp / "model.safetensors")
+                # Through a Python file: torch.save then reports a full disk as an OSError it was caused by.
+                with open(tmp / "optimizer.pt", "wb") as f:
+                    torch.save(opt_state, f)
+                self.tokenizer.save(tmp / "tokenizer.json")
+            if states:
+                save_tensors(states, tmp / f"state-rank{r}.safetensors")
+            write_json(
+                tmp / f"rank{r}.json",
+                {
+                    "loader": self.loader.state_dict(),
+                    "rng": rng_state(),
+                    "positions": [st.position if st is not None else None for st in self.states],
+                    "stage_index": self.stage_index,
+                },
+            )
+        except Exception as e:
+            failure = e
         path = self.out / step_dir_name(self.step)
+        self._raise_if_any_failed(failure, tmp, needed)
         if self.dist.is_main:
             meta = model_meta(
                 unwrap(self.model),
@@ -177,9 +231,26 @@ class TrainerCheckpoints:
                 data=self._data_signature(),
                 time=dt.datetime.now().isoformat(timespec="seconds"),
             )
-            path = commit(tmp, meta, cfg.keep_checkpoints)
-        barrier(self.dist)
+            try:
+                path = commit(tmp, meta, cfg.keep_checkpoints)
+            except Exception as e:
+                failure = e
+        self._raise_if_any_failed(failure, tmp, needed)
         return path
+
+    def _raise_if_any_failed(self, failure: Exception | None, tmp: Path, needed: int) -> None:
+        """Agree across ranks whether the checkpoint is being written; on failure remove it and raise."""
+        failed = all_reduce_sum([0.0 if failure is None else 1.0], self.dist, self.device)[0] > 0
+        if not failed:
+            return
+        barrier(self.dist)  # every rank has stopped writing into tmp
+        advice = "Free some space (or lower --keep-checkpoints) and continue with --resume auto."
+        if failure is None:
+            if self.dist.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"checkpoint {tmp.name[1:-4]}: another process could not write its part")
+        abandon(tmp, failure, needed, advice, remove=self.dist.is_main)
+        raise failure
 
     def _data_signature(self) -> dict[str, list[int]]:
         """Documents and tokens of each source's train and validation split, recorded in checkpoints."""

@@ -545,7 +545,8 @@ class Trainer(TrainerCheckpoints):
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run a training job; raises ConfigError / DataError / TrainingError with a readable message."""
+    """Run a training job; raises ConfigError / DataError / TrainingError / CheckpointError / DiskFullError
+    with a readable message."""
     return Trainer(cfg).fit()
 
 
@@ -553,7 +554,8 @@ def main_entry(cfg: TrainConfig) -> int:
     """CLI wrapper: readable errors, exit codes 0 (done), 1 (error), 130/143 (stopped by a signal)."""
     try:
         summary = train(cfg)
-    except (ConfigError, DataError, TrainingError, FileNotFoundError) as e:
+    except (ConfigError, DataError, TrainingError, ckpt.CheckpointError, OSError) as e:
+        # OSError: a missing file, or a DiskFullError saying what was being written and what was kept.
         print(f"mmrec train: error: {e}", file=sys.stderr)
         return 1
     finally:
