@@ -469,6 +469,12 @@ def test_tracker_end_to_end(dataset, tmp_path, monkeypatch):
     # A model that answers the key-value probe by lookup scores 1 through the tracker, and one that guesses, ~0.
     assert again.measure(_Oracle(tok.vocab_size, "match"), 3, 384)["kv_acc"] == 1.0
     assert again.measure(_Oracle(tok.vocab_size, "uniform"), 4, 512)["kv_acc"] < 0.05
+    # One that copies the token after the previous occurrence solves the induction probe, not the lookup:
+    # each score is its own probe's.
+    copier = _Oracle(tok.vocab_size, "induction")
+    metrics = again.measure(copier, 5, 640)
+    assert metrics["induction_acc"] == 1.0
+    assert metrics["kv_acc"] == run_probe(copier, again.probes["kv"])["acc"] < 0.9
 
 
 def _fake_run(root: Path, corpus: Path) -> Path:
