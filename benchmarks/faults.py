@@ -328,13 +328,15 @@ SHARD_POINTS = [("shard", True), ("random-during-prepare", False), ("manifest", 
 
 def kill_plan(n: int, rng: random.Random) -> list[dict[str, Any]]:
     """Kinds of the ``n`` kills: half inside checkpoint writes, a fifth in data preparation, the rest at random
-    moments; shuffled."""
+    moments of the training loop or of the startup before it (imports, data, model, reading the checkpoint);
+    shuffled."""
     n_ckpt, n_shard = max(1, n // 2), max(1, n // 5)
     plan: list[dict[str, Any]] = [
         {"kind": "checkpoint", "hook": hook, "torn": torn} for hook, torn in (CKPT_POINTS * n)[:n_ckpt]
     ]
     plan += [{"kind": "shard", "hook": hook, "torn": torn} for hook, torn in (SHARD_POINTS * n)[:n_shard]]
-    plan += [{"kind": "random"} for _ in range(max(0, n - n_ckpt - n_shard))]
+    n_random = max(0, n - n_ckpt - n_shard)
+    plan += [{"kind": "random", "phase": ("training", "startup")[i % 2]} for i in range(n_random)]
     rng.shuffle(plan)
     return plan
 
@@ -349,8 +351,10 @@ def campaign_kills(work: Path, corpus: Path, steps: int, n_kills: int, rng: rand
     if proc.returncode != 0:
         raise SystemExit(f"the reference run failed:\n{err[-3000:]}")
     reference = losses(ref_dir)
-    # Startup (imports, data, model) and time per step, to aim random kills at the whole of a segment.
-    step_s = max(ref_wall - 4.0, 1.0) / steps
+    # Startup (imports, data, model) and time per step (checkpoints included), to aim the random kills.
+    with open(ref_dir / "metrics.csv", newline="") as f:
+        loop_s = float(list(csv.DictReader(f))[-1]["elapsed_s"])
+    step_s, startup_s = loop_s / steps, max(ref_wall - loop_s, 1.0)
     segments: list[dict[str, Any]] = []
     torn: list[str] = []
     failures: list[str] = []
@@ -375,8 +379,13 @@ def campaign_kills(work: Path, corpus: Path, steps: int, n_kills: int, rng: rand
                 while proc.poll() is None and not list(cache.glob("*.tmp-*")):
                     time.sleep(0.005)
                 delay = rng.uniform(0.0, 1.0)
+            elif what["phase"] == "training":  # once this run logs its first step, within the next 16 steps
+                metrics = run / "metrics.csv"
+                while proc.poll() is None and not (metrics.exists() and metrics.stat().st_mtime >= started):
+                    time.sleep(0.005)
+                delay = rng.uniform(0.0, 16 * step_s)
             else:
-                delay = rng.uniform(0.2, 4.0 + 12 * step_s)
+                delay = rng.uniform(0.2, startup_s)
             try:
                 proc.wait(timeout=delay)
             except subprocess.TimeoutExpired:
@@ -402,7 +411,7 @@ def campaign_kills(work: Path, corpus: Path, steps: int, n_kills: int, rng: rand
         if proc.returncode != -signal.SIGKILL:
             failures.append(f"kill {k + 1} ({what}): exit {proc.returncode}: {err[-1500:]}")
         print(
-            f"  kill {k + 1:>2}/{len(plan)} {what['kind']:<10} {what.get('hook', 'random time'):<22} "
+            f"  kill {k + 1:>2}/{len(plan)} {what['kind']:<10} {what.get('hook', 'at ' + what.get('phase', '')):<22} "
             f"resumed from {seg['resumed_from'] or '-':<12} logged {seg['steps_logged']:>4} steps; "
             f"{'in ' + ', '.join(in_flight) if in_flight else ''} {'PROBLEM ' + str(problems) if problems else ''}",
             flush=True,
@@ -429,6 +438,8 @@ def campaign_kills(work: Path, corpus: Path, steps: int, n_kills: int, rng: rand
             f"{written} kills inside a checkpoint or shard write; max |loss - uninterrupted| = {max_diff:.1e}",
         ),
         "reference_wall_s": ref_wall,
+        "reference_step_s": step_s,
+        "reference_startup_s": startup_s,
         "max_loss_diff": max_diff,
         "steps_equal": complete,
         "torn": torn,
