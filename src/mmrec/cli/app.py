@@ -32,8 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     group(
         sub,
         "eval",
-        "evaluate a trained model (long-context bits per byte, passkey)",
-        [commands.EVAL_BPB, synth.EVAL_PASSKEY],
+        "evaluate a trained model (long-context bits per byte, recall by distance, passkey)",
+        [commands.EVAL_BPB, commands.EVAL_RECALL, synth.EVAL_PASSKEY],
         "eval",
     )
     group(

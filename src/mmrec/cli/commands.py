@@ -1,4 +1,5 @@
-"""The options of ``train``, ``data``, ``tokenizer``, ``eval bpb``, ``compare``, ``generate``, ``stages``, ``demo``.
+"""The options of ``train``, ``data``, ``tokenizer``, ``eval bpb``, ``eval recall``, ``compare``, ``generate``,
+``stages``, ``demo``.
 
 Each options dataclass declares its flags once (help, default, allowed values);
 each run function makes one call into the layer that does the work.
@@ -243,6 +244,63 @@ EVAL_BPB = Command(
     description="Score documents with full context (MM-Rec streams them through its state; a Transformer uses a "
     "sliding window beyond its trained length) and with the context cut to --cut tokens; report bits per byte "
     "per position bucket.",
+    required=("checkpoint", "out"),
+)
+
+
+# mmrec eval recall ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RecallOptions:
+    checkpoint: list[str] = _doc(CHECKPOINT_HELP + " Several: the models side by side.", default_factory=list)
+    out: str = _doc("Folder for results.json, results.md and the figure.", default="")
+    data: list[str] = _doc(
+        "Text files / folders to score (default: each run's validation split).", default_factory=list
+    )
+    cut: int | None = _doc(
+        "Tokens of context in the cut condition (default: each model's trained window).", default=None
+    )
+    min_span: int = _doc("A repeat is a span of at least this many bytes seen earlier in the document.", default=16)
+    stream_window: int = _doc(STREAM_WINDOW_HELP, default=4096)
+    max_docs: int | None = _doc("Score at most this many documents.", default=None)
+    max_tokens: int | None = _doc("Truncate documents to this many tokens.", default=None)
+    device: str = _doc(DEVICE_HELP, default="auto")
+
+    def __post_init__(self) -> None:
+        _require(bool(self.checkpoint), "checkpoint", "name at least one run or step directory")
+        _positive(self, "min_span", "stream_window")
+        _require(self.cut is None or self.cut >= 2, "cut", f"must be >= 2 tokens, got {self.cut}")
+        _require(self.max_docs is None or self.max_docs >= 1, "max_docs", f"must be >= 1, got {self.max_docs}")
+        _require(self.max_tokens is None or self.max_tokens >= 2, "max_tokens", f"must be >= 2, got {self.max_tokens}")
+
+
+def _eval_recall(opts: RecallOptions) -> int:
+    from mmrec.evals.recall import run
+
+    run(
+        opts.checkpoint,
+        opts.data,
+        opts.out,
+        cut=opts.cut,
+        min_span=opts.min_span,
+        window=opts.stream_window,
+        max_docs=opts.max_docs,
+        max_tokens=opts.max_tokens,
+        device=opts.device,
+    )
+    return 0
+
+
+EVAL_RECALL = Command(
+    "recall",
+    RecallOptions,
+    _eval_recall,
+    help="bits per byte on repeated spans by distance: the fraction of repeat bits that context saves",
+    description="Find the spans of at least --min-span bytes that occurred earlier in the same document and score "
+    "their tokens (from each span's second on) with full context and with context cut to --cut tokens, by "
+    "distance back to the previous occurrence (<1K, 1K-4K, 4K-16K, 16K-64K, 64K+); non-repeated tokens are the "
+    "control. Several --checkpoint values put the models side by side.",
     required=("checkpoint", "out"),
 )
 

@@ -20,7 +20,7 @@ between cut and full in the late buckets is the long-context gain.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,6 +97,37 @@ def sliding_nats(model: nn.Module, ids: torch.Tensor, context: int, autocast: An
     return out
 
 
+def full_context_nats(
+    model: nn.Module, ids: torch.Tensor, trained_len: int, window: int, autocast: Any, streams: bool
+) -> tuple[np.ndarray, bool]:
+    """nats[t-1] with all the context the model can use, and whether a Transformer needed a sliding window.
+
+    ``streams``: the document goes through the model's state in windows of ``window`` tokens (MM-Rec);
+    otherwise one pass when it fits ``trained_len``, else a sliding window of ``trained_len`` tokens."""
+    if streams:
+        return stream_nats(model, ids, window, autocast), False  # type: ignore[arg-type]
+    if ids.numel() - 1 <= trained_len:
+        return _token_nats(model, ids[:-1], ids[1:], None, autocast)[0], False
+    return sliding_nats(model, ids, trained_len, autocast), True
+
+
+def full_context_description(streams: bool, window: int, transformer_window: int | None) -> str:
+    if streams:
+        return f"MM-Rec streams each document through its state in windows of {window} tokens (all context)"
+    if transformer_window:
+        return (
+            f"Transformer: documents longer than its trained length use a sliding window of {transformer_window} "
+            f"tokens (stride {transformer_window // 2})"
+        )
+    return "Transformer: every document fits its trained length; whole-document context"
+
+
+def cut_context_description(cut: int) -> str:
+    return (
+        f"sliding window of {cut} tokens, stride {max(1, cut // 2)} (each token sees {max(1, cut // 2)}-{cut} tokens)"
+    )
+
+
 def evaluate_bpb(
     model: nn.Module,
     documents: Iterable[list[int]],
@@ -122,28 +153,15 @@ def evaluate_bpb(
         ids = torch.tensor(doc, dtype=torch.long, device=device)
         positions = np.arange(1, len(doc))  # position of each scored token in its document
         nbytes = nbytes_of[np.asarray(doc[1:])]
-        if is_mmrec:
-            nats_full = stream_nats(model, ids, window, autocast)  # type: ignore[arg-type]
-        elif len(doc) - 1 <= trained_len:
-            nats_full, _ = _token_nats(model, ids[:-1], ids[1:], None, autocast)
-        else:
+        nats_full, slid = full_context_nats(model, ids, trained_len, window, autocast, is_mmrec)
+        if slid:
             transformer_window = trained_len
-            nats_full = sliding_nats(model, ids, trained_len, autocast)
         full.add(positions, nats_full, nbytes)
         cutoff.add(positions, sliding_nats(model, ids, cut, autocast), nbytes)
         n_docs += 1
         longest = max(longest, len(doc))
     names = [bucket_name(lo, hi) for lo, hi in BUCKETS]
     full_bpb, cut_bpb = full.bpb(), cutoff.bpb()
-    if is_mmrec:
-        how = f"MM-Rec streams each document through its state in windows of {window} tokens (all context)"
-    elif transformer_window:
-        how = (
-            f"Transformer: documents longer than its trained length use a sliding window of {transformer_window} "
-            f"tokens (stride {transformer_window // 2})"
-        )
-    else:
-        how = "Transformer: every document fits its trained length; whole-document context"
     return {
         "buckets": names,
         "full_bpb": full_bpb,
@@ -157,9 +175,8 @@ def evaluate_bpb(
         "documents": n_docs,
         "longest_document_tokens": longest,
         "cut": cut,
-        "full_context": how,
-        "cut_context": f"sliding window of {cut} tokens, stride {max(1, cut // 2)} (each token sees "
-        f"{max(1, cut // 2)}-{cut} tokens)",
+        "full_context": full_context_description(is_mmrec, window, transformer_window),
+        "cut_context": cut_context_description(cut),
         "arch": model_name(model),
     }
 
@@ -227,8 +244,6 @@ def run(
     """``mmrec eval bpb``: score documents (``data``, or the run's validation split) and write the results."""
     import contextlib
 
-    from mmrec.data.cache import cached_dataset, source_specs
-    from mmrec.data.sources import SkipStats, iter_documents
     from mmrec.evals.common import load_checkpoint, run_data_settings, write_results
     from mmrec.utils.device import autocast_for, resolve_device
 
@@ -242,28 +257,17 @@ def run(
     if cut < 2:
         raise ValueError(f"--cut must be >= 2 tokens, got {cut}")
 
-    def documents() -> Iterable[list[int]]:
-        count = 0
-        if data:
-            stats = SkipStats()
-            for spec in source_specs(data):
-                for _, text in iter_documents(spec, stats):
-                    yield tok.encode(text)[: max_tokens or None]
-                    count += 1
-                    if max_docs and count >= max_docs:
-                        return
-        else:
-            sources, text_field, val_fraction, data_cache = run_data_settings(lm)
-            dataset = cached_dataset(source_specs(sources, text_field), tok, val_fraction, data_cache)
-            for src in dataset.sources.values():
-                for i in range(src.val.n_docs):
-                    yield src.val.doc(i)[: max_tokens or None].tolist()
-                    count += 1
-                    if max_docs and count >= max_docs:
-                        return
-
     autocast = autocast_for(dev)
-    results = evaluate_bpb(lm.model, documents(), tok.token_bytes(), lm.trained_seq_len, cut, window, dev, autocast)
+    results = evaluate_bpb(
+        lm.model,
+        read_documents(lm, data, max_docs, max_tokens),
+        tok.token_bytes(),
+        lm.trained_seq_len,
+        cut,
+        window,
+        dev,
+        autocast,
+    )
     results.update(
         checkpoint=str(lm.path),
         step=lm.step,
@@ -277,3 +281,33 @@ def run(
         plot(results, path / "bpb_by_position.png", title)
     print(table)
     return results
+
+
+def read_documents(
+    lm: Any, data: list[str] | None, max_docs: int | None = None, max_tokens: int | None = None
+) -> Iterator[list[int]]:
+    """The token ids of each document of ``data`` (text files, folders, ...) or, without it, of the validation
+    split of the run behind ``lm`` (a LoadedModel); at most ``max_docs``, each cut to ``max_tokens``."""
+    from mmrec.data.cache import cached_dataset, source_specs
+    from mmrec.data.sources import SkipStats, iter_documents
+    from mmrec.evals.common import run_data_settings
+
+    tok = lm.tokenizer
+    count = 0
+    if data:
+        stats = SkipStats()
+        for spec in source_specs(data):
+            for _, text in iter_documents(spec, stats):
+                yield tok.encode(text)[: max_tokens or None]
+                count += 1
+                if max_docs and count >= max_docs:
+                    return
+    else:
+        sources, text_field, val_fraction, data_cache = run_data_settings(lm)
+        dataset = cached_dataset(source_specs(sources, text_field), tok, val_fraction, data_cache)
+        for src in dataset.sources.values():
+            for i in range(src.val.n_docs):
+                yield src.val.doc(i)[: max_tokens or None].tolist()
+                count += 1
+                if max_docs and count >= max_docs:
+                    return
