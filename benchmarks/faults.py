@@ -341,7 +341,25 @@ def kill_plan(n: int, rng: random.Random) -> list[dict[str, Any]]:
     return plan
 
 
+def _modified_since(path: Path, t: float) -> bool:
+    try:
+        return path.stat().st_mtime >= t
+    except OSError:
+        return False
+
+
+def _logged(run: Path) -> list[int]:
+    """Steps in metrics.csv now (read while the run appends to it)."""
+    try:
+        with open(run / "metrics.csv", newline="") as f:
+            return [int(r[0]) for r in csv.reader(f) if r and r[0].isdigit()]
+    except OSError:
+        return []
+
+
 def campaign_kills(work: Path, corpus: Path, steps: int, n_kills: int, rng: random.Random) -> dict[str, Any]:
+    from mmrec.models.checkpoint import list_checkpoints, step_of
+
     base = ["train", *MODEL, *RUN, "--data", str(corpus), "--max-steps", str(steps)]
     ref_dir, run, cache = work / "ref", work / "killed", work / "cache-killed"
     t0 = time.perf_counter()
@@ -370,6 +388,7 @@ def campaign_kills(work: Path, corpus: Path, steps: int, n_kills: int, rng: rand
                 nth = 1 if what["hook"] == "manifest" else nth  # one manifest per preparation
                 spec["kill"] = {"hook": what["hook"], "nth": nth, "torn": what["torn"]}
         before = losses(run) if (run / "metrics.csv").exists() else {}
+        newest = max((step_of(p) for p in list_checkpoints(run)), default=0)
         started = time.time()
         proc = launch([*base, "--out", str(run), "--data-cache", str(cache), "--resume", "auto"], spec)
         if "kill" in spec:
@@ -379,9 +398,10 @@ def campaign_kills(work: Path, corpus: Path, steps: int, n_kills: int, rng: rand
                 while proc.poll() is None and not list(cache.glob("*.tmp-*")):
                     time.sleep(0.005)
                 delay = rng.uniform(0.0, 1.0)
-            elif what["phase"] == "training":  # once this run logs its first step, within the next 16 steps
-                metrics = run / "metrics.csv"
-                while proc.poll() is None and not (metrics.exists() and metrics.stat().st_mtime >= started):
+            elif what["phase"] == "training":  # once this run logs its first new step, within the next 16 steps
+                while proc.poll() is None and not (
+                    _modified_since(run / "metrics.csv", started) and max(_logged(run), default=0) > newest
+                ):
                     time.sleep(0.005)
                 delay = rng.uniform(0.0, 16 * step_s)
             else:
