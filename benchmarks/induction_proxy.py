@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -105,7 +106,7 @@ def accuracy(model: torch.nn.Module, length: int, batches: int, batch_size: int)
     result = evaluate_task(
         model, lambda b, g: induction_batch(b, length, VOCAB, g), batches, batch_size, "cpu", window=4096
     )
-    return float(result.accuracy or 0.0)
+    return math.nan if result.accuracy is None else float(result.accuracy)  # nan: nothing was scored
 
 
 def run_variant(name: str, options: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:

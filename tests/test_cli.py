@@ -39,6 +39,7 @@ DEVICE_COMMANDS = {
     "train": ["train", "--max-steps", "1"],
     "eval bpb": ["eval", "bpb", "--checkpoint", "{run}", "--out", "{out}"],
     "eval passkey": ["eval", "passkey", "--checkpoint", "{run}", "--out", "{out}"],
+    "eval recall": ["eval", "recall", "--checkpoint", "{run}", "--out", "{out}"],
     "synth mqar": ["synth", "mqar", "--out", "{out}"],
     "synth induction": ["synth", "induction", "--out", "{out}"],
     "synth selective-copy": ["synth", "selective-copy", "--out", "{out}"],

@@ -232,7 +232,8 @@ def train_task(
                     "the task settings"
                 )
         history.extend(values)
-        train_acc.extend(h / n if n else 0.0 for h, n in zip(hits, counts, strict=True))
+        # A batch with nothing to score has no accuracy (NaN), not a zero one.
+        train_acc.extend(h / n if n else math.nan for h, n in zip(hits, counts, strict=True))
         losses.clear()
         corrects.clear()
         counts.clear()
@@ -303,11 +304,12 @@ def train_task(
             metrics.close()
     train_seconds = time.perf_counter() - t0
     checkpoint = save_task_model(output, model, steps) if output is not None else None
+    accuracy: float | None
     if eval_fn is not None:
         accuracy = float(eval_fn(model))
     else:
         result = evaluate_task(model, make_batch, eval_batches, batch_size, device, seed=seed + 1_000_003)
-        accuracy = float(result.accuracy or 0.0)
+        accuracy = result.accuracy  # None when no position was scored: not evaluated, never 0
     return {
         "history": history,
         "train_accuracy": train_acc,
