@@ -19,7 +19,7 @@ import torch
 
 import mmrec
 from mmrec.cli import main
-from mmrec.cli import passkey as cli_passkey
+from mmrec.cli import tasks as cli_tasks
 from mmrec.evals.passkey import (
     FILLER_SENTENCES,
     QUESTION,
@@ -417,13 +417,13 @@ GRID = ["--lengths", "128", "400", "--depths", "0", "1", "--trials", "2", "--str
 
 def test_cli_synth_passkey_trains_grades_and_reloads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     trained: list[torch.nn.Module] = []
-    real = cli_passkey.train_task
+    real = cli_tasks.train_task
 
     def keep_model(model: torch.nn.Module, *args: Any, **kwargs: Any) -> dict[str, Any]:
         trained.append(model)
         return real(model, *args, **kwargs)
 
-    monkeypatch.setattr(cli_passkey, "train_task", keep_model)
+    monkeypatch.setattr(cli_tasks, "train_task", keep_model)
     out = tmp_path / "sp"
     code = cli(
         ["synth", "passkey", "--d-model", "16", "--steps", "3", "--batch-size", "4", "--train-len", "110", "140"]

@@ -205,11 +205,14 @@ TOKENIZER_TRAIN = Command(
 
 
 @dataclass
-class BpbOptions:
-    checkpoint: str = _doc(CHECKPOINT_HELP, default="")
+class ScoringOptions:
+    """What the evaluations that score documents share (`eval bpb`, `eval recall`)."""
+
     out: str = _doc("Folder for results.json, results.md and the figure.", default="")
-    data: list[str] = _doc("Text files / folders to score (default: the run's validation split).", default_factory=list)
-    cut: int | None = _doc("Tokens of context in the cut condition (default: min(2048, trained length)).", default=None)
+    data: list[str] = _doc(
+        "Text files / folders to score (default: the validation split of the run's data).", default_factory=list
+    )
+    cut: int | None = _doc("Tokens of context in the cut condition.", default=None)
     stream_window: int = _doc(STREAM_WINDOW_HELP, default=4096)
     max_docs: int | None = _doc("Score at most this many documents.", default=None)
     max_tokens: int | None = _doc("Truncate documents to this many tokens.", default=None)
@@ -218,6 +221,14 @@ class BpbOptions:
     def __post_init__(self) -> None:
         _positive(self, "stream_window")
         _require(self.cut is None or self.cut >= 2, "cut", f"must be >= 2 tokens, got {self.cut}")
+        _require(self.max_docs is None or self.max_docs >= 1, "max_docs", f"must be >= 1, got {self.max_docs}")
+        _require(self.max_tokens is None or self.max_tokens >= 2, "max_tokens", f"must be >= 2, got {self.max_tokens}")
+
+
+@dataclass
+class BpbOptions(ScoringOptions):
+    checkpoint: str = _doc(CHECKPOINT_HELP, default="")
+    cut: int | None = _doc("Tokens of context in the cut condition (default: min(2048, trained length)).", default=None)
 
 
 def _eval_bpb(opts: BpbOptions) -> int:
@@ -252,27 +263,19 @@ EVAL_BPB = Command(
 
 
 @dataclass
-class RecallOptions:
+class RecallOptions(ScoringOptions):
     checkpoint: list[str] = _doc(CHECKPOINT_HELP + " Several: the models side by side.", default_factory=list)
-    out: str = _doc("Folder for results.json, results.md and the figure.", default="")
-    data: list[str] = _doc(
-        "Text files / folders to score (default: each run's validation split).", default_factory=list
-    )
     cut: int | None = _doc(
-        "Tokens of context in the cut condition (default: each model's trained window).", default=None
+        "Tokens of context in the cut condition (default: each model's trained window; give one value to compare "
+        "models at the same cut).",
+        default=None,
     )
     min_span: int = _doc("A repeat is a span of at least this many bytes seen earlier in the document.", default=16)
-    stream_window: int = _doc(STREAM_WINDOW_HELP, default=4096)
-    max_docs: int | None = _doc("Score at most this many documents.", default=None)
-    max_tokens: int | None = _doc("Truncate documents to this many tokens.", default=None)
-    device: str = _doc(DEVICE_HELP, default="auto")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _require(bool(self.checkpoint), "checkpoint", "name at least one run or step directory")
-        _positive(self, "min_span", "stream_window")
-        _require(self.cut is None or self.cut >= 2, "cut", f"must be >= 2 tokens, got {self.cut}")
-        _require(self.max_docs is None or self.max_docs >= 1, "max_docs", f"must be >= 1, got {self.max_docs}")
-        _require(self.max_tokens is None or self.max_tokens >= 2, "max_tokens", f"must be >= 2, got {self.max_tokens}")
+        _positive(self, "min_span")
 
 
 def _eval_recall(opts: RecallOptions) -> int:

@@ -17,14 +17,13 @@ import torch
 
 from mmrec.cli.commands import CHECKPOINT_HELP, DEVICE_HELP
 from mmrec.cli.tasks import (
-    GIB,
     HELD_OUT_BATCHES,
+    LongContextOptions,
     TaskOptions,
     accuracy_text,
     at_least,
     check_out_folder,
     command,
-    finite,
     held_out_evaluator,
     make_out,
     model_fields,
@@ -35,11 +34,10 @@ from mmrec.config import ConfigError, _doc, _positive, _require
 from mmrec.evals import passkey as pk
 from mmrec.evals import passkey_report as pkr
 from mmrec.evals.common import write_results
-from mmrec.evals.context import BEYOND_MODES
 from mmrec.models.checkpoint import load
 from mmrec.models.factory import build_model
 from mmrec.tokenizer import load_tokenizer
-from mmrec.train.tasks import TASK_BETAS, TaskOutput, train_task
+from mmrec.train.tasks import TaskOutput
 
 GRID_LISTS = ("lengths", "depths")
 TOKENIZER_HELP = "'byte' or a tokenizer.json."
@@ -57,7 +55,7 @@ def _check_filler(filler: str | None) -> None:
 
 
 @dataclass
-class PasskeyGridOptions:
+class PasskeyGridOptions(LongContextOptions):
     """The lengths x depths grid of passkey prompts and how each is read (`eval passkey`, `synth passkey`)."""
 
     lengths: list[int] = _doc(
@@ -69,20 +67,6 @@ class PasskeyGridOptions:
         group="passkey grid",
     )
     trials: int = _doc("Random keys per cell.", default=5, group="passkey grid")
-    stream_window: int = _doc(
-        "Tokens per forward call; MM-Rec carries its state between calls (memory, not results).",
-        default=4096,
-        group="passkey grid",
-    )
-    max_memory_gb: float = _doc(
-        "Lengths whose Transformer KV cache would exceed this are skipped.", default=8.0, group="passkey grid"
-    )
-    transformer_context: str = _doc(
-        "A Transformer past its trained length: a sliding window of that length, full attention, or skip.",
-        default="sliding",
-        choices=BEYOND_MODES,
-        group="passkey grid",
-    )
     vary_filler: bool = _doc(
         "Shuffle the test filler's sentences (seeded by --seed).", default=False, group="passkey grid"
     )
@@ -99,13 +83,8 @@ class PasskeyGridOptions:
         _require(bool(self.depths), "depths", "give at least one depth")
         for d in self.depths:
             _require(0.0 <= d <= 1.0, "depths", f"must be between 0 and 1, got {d}")
-        _positive(self, "trials", "stream_window")
-        finite(self.max_memory_gb, "max_memory_gb", 0.0, strict=True)
-        _require(
-            self.transformer_context in BEYOND_MODES,
-            "transformer_context",
-            f"must be one of {', '.join(BEYOND_MODES)}, got {self.transformer_context!r}",
-        )
+        _positive(self, "trials")
+        self.check_long_context()
         _check_filler(self.filler)
 
     def grade(
@@ -118,7 +97,7 @@ class PasskeyGridOptions:
             self.depths,
             self.trials,
             device,
-            int(self.max_memory_gb * GIB),
+            self.max_memory_bytes,
             self.stream_window,
             trained_len=trained_len,
             beyond=self.transformer_context,
@@ -200,22 +179,7 @@ def run_synth_passkey(opts: SynthPasskeyOptions) -> int:
     # long grid that is cut short loses no training; `mmrec eval passkey --checkpoint OUT` grades them again.
     # Held out: training prompts of other keys, depths and fillers (seed + HELD_OUT_SEED).
     evaluate, held_out = held_out_evaluator(make_batch, HELD_OUT_BATCHES, opts.batch_size, device, opts.seed)
-    trained = train_task(
-        model,
-        make_batch,
-        opts.steps,
-        opts.batch_size,
-        opts.lr,
-        device,
-        opts.log_every,
-        opts.seed,
-        evaluate,
-        betas=TASK_BETAS,
-        max_seconds=opts.max_seconds,
-        write_l1=opts.write_l1,
-        write_l1_warmup=opts.write_l1_warmup,
-        output=TaskOutput(out, hi, tokenizer, opts.settings("passkey")),
-    )
+    trained = opts.train(model, make_batch, device, evaluate, TaskOutput(out, hi, tokenizer, opts.settings("passkey")))
     accuracy = held_out[-1].accuracy
     print(f"held-out accuracy at the key's tokens ({span}-token prompts): {accuracy_text(accuracy)}", flush=True)
     base = {

@@ -18,9 +18,9 @@ import torch
 
 from mmrec.cli.passkey import EVAL_PASSKEY, PASSKEY_DATA, SYNTH_PASSKEY
 from mmrec.cli.tasks import (
-    GIB,
     HELD_OUT_BATCHES,
     HELD_OUT_SEED,
+    LongContextOptions,
     TaskOptions,
     accuracy_text,
     at_least,
@@ -36,9 +36,9 @@ from mmrec.cli.tasks import (
 from mmrec.config import ConfigError, _doc, _positive, _require
 from mmrec.evals import synthetic as syn
 from mmrec.evals.common import write_results
-from mmrec.evals.context import BEYOND_MODES, MakeBatch, TaskEval, evaluate_task, state_floats
+from mmrec.evals.context import MakeBatch, TaskEval, evaluate_task, state_floats
 from mmrec.models.factory import build_model
-from mmrec.train.tasks import TASK_BETAS, TaskOutput, train_task
+from mmrec.train.tasks import TaskOutput
 
 __all__ = ["COMMANDS", "EVAL_PASSKEY"]
 
@@ -153,22 +153,7 @@ def run_mqar(opts: MqarOptions) -> int:
     fields = model_fields(opts, model, device)
     # Fresh batches of the test setting from another seed: the accuracy train_task reports, kept whole.
     evaluate, held_out = held_out_evaluator(opts.test_batch, opts.eval_batches, opts.batch_size, device, opts.seed)
-    trained = train_task(
-        model,
-        opts.train_batch,
-        opts.steps,
-        opts.batch_size,
-        opts.lr,
-        device,
-        opts.log_every,
-        opts.seed,
-        evaluate,
-        betas=TASK_BETAS,
-        max_seconds=opts.max_seconds,
-        write_l1=opts.write_l1,
-        write_l1_warmup=opts.write_l1_warmup,
-        output=_output(opts, "mqar", opts.longest),
-    )
+    trained = opts.train(model, opts.train_batch, device, evaluate, _output(opts, "mqar", opts.longest))
     evaluation = held_out[-1]
     accuracy = evaluation.accuracy  # None (null, "not evaluated") when nothing could be scored
     mix = opts.mix
@@ -215,7 +200,7 @@ def run_mqar(opts: MqarOptions) -> int:
 
 
 @dataclass
-class LengthTaskOptions(TaskOptions):
+class LengthTaskOptions(TaskOptions, LongContextOptions):
     """A task trained at one length and tested at others, far longer."""
 
     TASK: ClassVar[str] = ""
@@ -230,20 +215,6 @@ class LengthTaskOptions(TaskOptions):
     test_batch_size: int | None = _doc(
         "Sequences per test batch (default: --batch-size).", default=None, group="evaluation"
     )
-    stream_window: int = _doc(
-        "Tokens per forward call at test time; MM-Rec carries its state between calls (memory, not results).",
-        default=4096,
-        group="evaluation",
-    )
-    max_memory_gb: float = _doc(
-        "A Transformer length whose KV cache would exceed this is skipped.", default=8.0, group="evaluation"
-    )
-    transformer_context: str = _doc(
-        "A Transformer past its training length: a sliding window of that length, full attention, or skip.",
-        default="sliding",
-        choices=BEYOND_MODES,
-        group="evaluation",
-    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -251,15 +222,10 @@ class LengthTaskOptions(TaskOptions):
         at_least([self.train_len], "train_len", 3)
         _require(bool(self.test_lens), "test_lens", "give at least one length")
         at_least(self.test_lens, "test_lens", 3)
-        _positive(self, "test_batches", "stream_window")
+        _positive(self, "test_batches")
         if self.test_batch_size is not None:
             _positive(self, "test_batch_size")
-        finite(self.max_memory_gb, "max_memory_gb", 0.0, strict=True)
-        _require(
-            self.transformer_context in BEYOND_MODES,
-            "transformer_context",
-            f"must be one of {', '.join(BEYOND_MODES)}, got {self.transformer_context!r}",
-        )
+        self.check_long_context()
         for length in [self.train_len, *self.test_lens]:
             _dry_run(self.batches(length))
         self.model = self.resolve_model(self.vocab_size, self.train_len)
@@ -301,22 +267,7 @@ def run_length_task(opts: LengthTaskOptions) -> int:
     evaluate, held_out = held_out_evaluator(
         opts.batches(opts.train_len), HELD_OUT_BATCHES, opts.batch_size, device, opts.seed
     )
-    trained = train_task(
-        model,
-        opts.batches(opts.train_len),
-        opts.steps,
-        opts.batch_size,
-        opts.lr,
-        device,
-        opts.log_every,
-        opts.seed,
-        evaluate,
-        betas=TASK_BETAS,
-        max_seconds=opts.max_seconds,
-        write_l1=opts.write_l1,
-        write_l1_warmup=opts.write_l1_warmup,
-        output=_output(opts, task, opts.train_len),
-    )
+    trained = opts.train(model, opts.batches(opts.train_len), device, evaluate, _output(opts, task, opts.train_len))
     test_batch = opts.test_batch_size or opts.batch_size
     evals = []
     for length in opts.test_lens:
@@ -328,7 +279,7 @@ def run_length_task(opts: LengthTaskOptions) -> int:
             device,
             opts.stream_window,
             seed=opts.seed + HELD_OUT_SEED,
-            max_memory_bytes=int(opts.max_memory_gb * GIB),
+            max_memory_bytes=opts.max_memory_bytes,
             trained_len=opts.train_len,
             beyond=opts.transformer_context,
         )

@@ -23,9 +23,10 @@ import torch
 from mmrec.cli.command import Command
 from mmrec.cli.commands import DEVICE_HELP, add_model_options, model_values
 from mmrec.config import ConfigError, ModelConfig, _doc, _positive, _require
-from mmrec.evals.context import TaskEval, evaluate_task
+from mmrec.evals.context import BEYOND_MODES, MakeBatch, TaskEval, evaluate_task
 from mmrec.models.factory import label, resolve_model_config
 from mmrec.train.config import TrainConfig
+from mmrec.train.tasks import TASK_BETAS, TaskOutput, train_task
 from mmrec.utils.device import resolve_device
 from mmrec.utils.options import build, field_names, given
 
@@ -59,6 +60,41 @@ def finite(value: Any, name: str, minimum: float, strict: bool) -> None:
 def at_least(values: Iterable[int], name: str, minimum: int) -> None:
     for v in values:
         _require(v >= minimum, name, f"must be >= {minimum}, got {v}")
+
+
+@dataclass
+class LongContextOptions:
+    """How a model reads sequences far beyond its training length (`synth induction`, passkey grids)."""
+
+    stream_window: int = _doc(
+        "Tokens per forward call; MM-Rec carries its state between calls (memory, not results).",
+        default=4096,
+        group="long-context evaluation",
+    )
+    max_memory_gb: float = _doc(
+        "A length whose Transformer KV cache would exceed this is skipped.",
+        default=8.0,
+        group="long-context evaluation",
+    )
+    transformer_context: str = _doc(
+        "A Transformer past its trained length: a sliding window of that length, full attention, or skip.",
+        default="sliding",
+        choices=BEYOND_MODES,
+        group="long-context evaluation",
+    )
+
+    def check_long_context(self) -> None:
+        _positive(self, "stream_window")
+        finite(self.max_memory_gb, "max_memory_gb", 0.0, strict=True)
+        _require(
+            self.transformer_context in BEYOND_MODES,
+            "transformer_context",
+            f"must be one of {', '.join(BEYOND_MODES)}, got {self.transformer_context!r}",
+        )
+
+    @property
+    def max_memory_bytes(self) -> int:
+        return int(self.max_memory_gb * GIB)
 
 
 @dataclass
@@ -142,6 +178,32 @@ class TaskOptions:
         """The options as saved in meta.json (the model config is saved beside them)."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
         return {"task": task, **values}
+
+    def train(
+        self,
+        model: torch.nn.Module,
+        make_batch: MakeBatch,
+        device: torch.device,
+        evaluate: Callable[[torch.nn.Module], float],
+        output: TaskOutput,
+    ) -> dict[str, Any]:
+        """Train ``model`` on ``make_batch`` with these options, through the one task loop (train/tasks.py)."""
+        return train_task(
+            model,
+            make_batch,
+            self.steps,
+            self.batch_size,
+            self.lr,
+            device,
+            self.log_every,
+            self.seed,
+            evaluate,
+            betas=TASK_BETAS,
+            max_seconds=self.max_seconds,
+            write_l1=self.write_l1,
+            write_l1_warmup=self.write_l1_warmup,
+            output=output,
+        )
 
 
 def accuracy_text(value: float | None, digits: int = 3) -> str:
