@@ -328,15 +328,16 @@ SHARD_POINTS = [("shard", True), ("random-during-prepare", False), ("manifest", 
 
 def kill_plan(n: int, rng: random.Random) -> list[dict[str, Any]]:
     """Kinds of the ``n`` kills: half inside checkpoint writes, a fifth in data preparation, the rest at random
-    moments of the training loop or of the startup before it (imports, data, model, reading the checkpoint);
-    shuffled."""
+    moments: "in the loop" (within 16 steps of the run's first new step) or "from launch" (uniform over the
+    reference run's startup time: imports, data, model, reading the checkpoint - or the first steps when this
+    run starts faster); shuffled."""
     n_ckpt, n_shard = max(1, n // 2), max(1, n // 5)
     plan: list[dict[str, Any]] = [
         {"kind": "checkpoint", "hook": hook, "torn": torn} for hook, torn in (CKPT_POINTS * n)[:n_ckpt]
     ]
     plan += [{"kind": "shard", "hook": hook, "torn": torn} for hook, torn in (SHARD_POINTS * n)[:n_shard]]
     n_random = max(0, n - n_ckpt - n_shard)
-    plan += [{"kind": "random", "phase": ("training", "startup")[i % 2]} for i in range(n_random)]
+    plan += [{"kind": "random", "phase": ("in the loop", "from launch")[i % 2]} for i in range(n_random)]
     rng.shuffle(plan)
     return plan
 
@@ -398,7 +399,7 @@ def campaign_kills(work: Path, corpus: Path, steps: int, n_kills: int, rng: rand
                 while proc.poll() is None and not list(cache.glob("*.tmp-*")):
                     time.sleep(0.005)
                 delay = rng.uniform(0.0, 1.0)
-            elif what["phase"] == "training":  # once this run logs its first new step, within the next 16 steps
+            elif what["phase"] == "in the loop":  # once this run logs its first new step, within the next 16 steps
                 while proc.poll() is None and not (
                     _modified_since(run / "metrics.csv", started) and max(_logged(run), default=0) > newest
                 ):
@@ -413,6 +414,9 @@ def campaign_kills(work: Path, corpus: Path, steps: int, n_kills: int, rng: rand
             out, err = proc.communicate(timeout=600)
         in_flight = [p.name for p in [*run.glob(".step-*"), *cache.glob("*.tmp-*")] if p.stat().st_mtime >= started]
         resumed = re.findall(r"resume: continuing from (\S+)", out)
+        # Steps this segment computed: from the step it resumed at (0 from scratch) to the last one it logged.
+        start_step = step_of(Path(resumed[0])) if resumed else 0 if "starting from scratch" in out else None
+        logged = _logged(run) if _modified_since(run / "metrics.csv", started) else []
         after = losses(run) if (run / "metrics.csv").exists() else {}
         problems = audit_run(run) + audit_cache(cache)
         torn += [f"kill {k + 1}: {p}" for p in problems]
@@ -422,6 +426,7 @@ def campaign_kills(work: Path, corpus: Path, steps: int, n_kills: int, rng: rand
             "spec": spec.get("kill"),
             "returncode": proc.returncode,
             "resumed_from": resumed[0].rsplit("/", 1)[-1] if resumed else None,
+            "steps_computed": max(0, max(logged, default=0) - start_step) if start_step is not None else 0,
             "steps_before": max(before, default=0),
             "steps_logged": max(after, default=0),
             "killed_while_writing": in_flight,
@@ -431,7 +436,7 @@ def campaign_kills(work: Path, corpus: Path, steps: int, n_kills: int, rng: rand
         if proc.returncode != -signal.SIGKILL:
             failures.append(f"kill {k + 1} ({what}): exit {proc.returncode}: {err[-1500:]}")
         print(
-            f"  kill {k + 1:>2}/{len(plan)} {what['kind']:<10} {what.get('hook', 'at ' + what.get('phase', '')):<22} "
+            f"  kill {k + 1:>2}/{len(plan)} {what['kind']:<10} {what.get('hook', what.get('phase', '')):<22} "
             f"resumed from {seg['resumed_from'] or '-':<12} logged {seg['steps_logged']:>4} steps; "
             f"{'in ' + ', '.join(in_flight) if in_flight else ''} {'PROBLEM ' + str(problems) if problems else ''}",
             flush=True,
@@ -446,7 +451,9 @@ def campaign_kills(work: Path, corpus: Path, steps: int, n_kills: int, rng: rand
     complete = sorted(got) == sorted(reference)
     kills_done = sum(1 for s in segments if s["returncode"] == -signal.SIGKILL)
     survived = kills_done if (complete and max_diff <= 1e-6 and not torn and not failures) else 0
-    redone = sum(max(0, s["steps_logged"] - s["steps_before"]) for s in segments) + max(got, default=0) - steps
+    final_start = re.findall(r"resume: continuing from (\S+)", out)
+    final_computed = steps - (step_of(Path(final_start[0])) if final_start else 0)
+    redone = sum(s["steps_computed"] for s in segments) + final_computed - steps
     written = sum(1 for s in segments if s["killed_while_writing"])
     return {
         "row": row(
@@ -454,7 +461,7 @@ def campaign_kills(work: Path, corpus: Path, steps: int, n_kills: int, rng: rand
             len(plan),
             survived,
             "survived",
-            f"none; {max(redone, 0)} steps recomputed in all; torn or half-used checkpoints: {len(torn)}",
+            f"none; {redone} steps recomputed in all; torn or half-used checkpoints: {len(torn)}",
             f"{written} kills inside a checkpoint or shard write; max |loss - uninterrupted| = {max_diff:.1e}",
         ),
         "reference_wall_s": ref_wall,
