@@ -479,23 +479,19 @@ def test_tracker_end_to_end(dataset, tmp_path, monkeypatch):
 
 def _fake_run(root: Path, corpus: Path) -> Path:
     """A run directory as ``mmrec train`` leaves it: checkpoints (weights, meta.json, tokenizer) and eval.csv."""
-    from safetensors.torch import save_file
-
     from conftest import tiny_train_config
     from mmrec.models import build_model
-    from mmrec.models.checkpoint import model_meta
+    from mmrec.models.checkpoint import save_checkpoint
 
     cfg = tiny_train_config(corpus, root)
     run = root / "run"
     for step in (2, 4):
-        step_dir = run / f"step-{step:06d}"
-        step_dir.mkdir(parents=True)
         torch.manual_seed(step)
         model = build_model(cfg.model)
-        save_file(model.state_dict(), str(step_dir / "model.safetensors"))
-        ByteTokenizer().save(step_dir / "tokenizer.json")
-        meta = model_meta(model, kind="train", step=step, trained_seq_len=32, tokens=step * 128, config=cfg.to_dict())
-        (step_dir / "meta.json").write_text(json.dumps(meta))
+        save_checkpoint(
+            run, model, ByteTokenizer(), kind="train", step=step, trained_seq_len=32, keep=2,
+            tokens=step * 128, config=cfg.to_dict(),
+        )  # fmt: skip
     rows = ["step,tokens,val_bpb,val_loss", "1,128,8.1,5.6", "2,256,8.0,5.55", "3,384,7.9,5.5", "4,512,7.8,5.4"]
     (run / "eval.csv").write_text("\n".join(rows) + "\n")
     return run
