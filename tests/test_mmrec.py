@@ -298,7 +298,7 @@ def test_state_file_from_another_config_is_refused(tmp_path):
     with pytest.raises(StateError, match="another config.*d_model"):
         MMRecState.load(tmp_path / "s.safetensors", config=other.config.to_dict())
     (tmp_path / "bad.safetensors").write_bytes(b"not a state")
-    with pytest.raises(StateError, match="not a readable"):
+    with pytest.raises(StateError, match="bad.safetensors is damaged"):
         MMRecState.load(tmp_path / "bad.safetensors")
     with pytest.raises(StateError, match="no state file"):
         MMRecState.load(tmp_path / "missing.safetensors")
