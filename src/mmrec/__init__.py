@@ -1,6 +1,7 @@
 """mmrec: MM-Rec, a long-context language model with a dual memory, and the tools around it."""
 
 from mmrec.config import ConfigError, MMRecConfig, TransformerConfig
+from mmrec.hf import register_on_import as _register_with_transformers
 from mmrec.models import (
     CheckpointError,
     KVCache,
@@ -16,6 +17,9 @@ from mmrec.models import (
 )
 from mmrec.tokenizer import ByteTokenizer
 from mmrec.version import __version__
+
+# AutoConfig / AutoModelForCausalLM learn model_type "mmrec" when transformers is (or gets) imported.
+_register_with_transformers()
 
 __all__ = [
     "ByteTokenizer",

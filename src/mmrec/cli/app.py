@@ -18,7 +18,7 @@ from mmrec.version import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mmrec.cli import commands, synth
+    from mmrec.cli import commands, hf, synth
 
     parser = argparse.ArgumentParser(
         prog="mmrec", description="MM-Rec: long-context language modelling with a dual memory."
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub,
         "eval",
         "evaluate a trained model (long-context bits per byte, recall by distance, passkey)",
-        [commands.EVAL_BPB, commands.EVAL_RECALL, synth.EVAL_PASSKEY],
+        [commands.EVAL_BPB, commands.EVAL_RECALL, synth.EVAL_PASSKEY, hf.EVAL_LM],
         "eval",
     )
     group(
@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands.COMPARE.add_to(sub, "compare")
     commands.GENERATE.add_to(sub, "generate")
+    group(sub, "export", "export a checkpoint (Hugging Face folder)", [hf.EXPORT_HF], "export")
     commands.STAGES.add_to(sub, "stages")
     commands.DEMO.add_to(sub, "demo")
     return parser
