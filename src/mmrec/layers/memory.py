@@ -83,17 +83,20 @@ class LongTermMemory(nn.Module):
         summaries: Tensor,
         sequence: Tensor,
         pending: Tensor,
-        position: int,
+        position: int | tuple[int, ...],
     ) -> MemoryOutput:
         """x: [B, T, d] normed block input; memory [B, n_slots, d_mem] (the slots); summaries
         [B, W, d_mem] (oldest first); sequence [B, d_mem]; pending [B, C, d] (inputs of the
-        unfinished chunk); position: tokens of the stream consumed before x."""
+        unfinished chunk); position: tokens of the streams consumed before x, one int for all or
+        (for T = 1 only) one per stream."""
         B, T, d = x.shape
         C = self.chunk_size
         if T == 0:
             return MemoryOutput(x.new_zeros(B, 0, d), memory, summaries, sequence, pending)
         if T == 1:
             return self._step(x, memory, summaries, sequence, pending, position)
+        if not isinstance(position, int):
+            raise ValueError(f"streams at different positions {position} can only be fed one token at a time")
         params = self.params()
         state = MemoryState(memory, summaries, sequence)
         r = position % C  # tokens of the current chunk seen before this call
@@ -122,15 +125,24 @@ class LongTermMemory(nn.Module):
         )
 
     def _step(
-        self, x: Tensor, memory: Tensor, summaries: Tensor, sequence: Tensor, pending: Tensor, position: int
+        self,
+        x: Tensor,
+        memory: Tensor,
+        summaries: Tensor,
+        sequence: Tensor,
+        pending: Tensor,
+        position: int | tuple[int, ...],
     ) -> MemoryOutput:
         """One token (decoding): the same read and write as the chunked path, cheaper."""
         B = x.size(0)
         C = self.chunk_size
         params = self.params()
         state = MemoryState(memory, summaries, sequence)
-        o = memory_read_step(x[:, 0], state, params, self.heads, completed=position // C)  # [B, d_mem]
+        completed = position // C if isinstance(position, int) else tuple(p // C for p in position)
+        o = memory_read_step(x[:, 0], state, params, self.heads, completed=completed)  # [B, d_mem]
         y = self.out(o.view(B, 1, self.d_mem))
+        if not isinstance(position, int):
+            return MemoryOutput(y, *self._write_rows(x[:, 0], state, pending, position))
 
         r = position % C
         # Rebuilt rather than written in place: zero beyond the chunk's tokens, as the chunked path leaves it.
@@ -140,3 +152,26 @@ class LongTermMemory(nn.Module):
             memory, summaries, sequence = (f.to(t.dtype) for f, t in zip(final, state, strict=True))
             pending = torch.zeros_like(pending)
         return MemoryOutput(y, memory, summaries, sequence, pending)
+
+    def _write_rows(
+        self, x: Tensor, state: MemoryState, pending: Tensor, positions: tuple[int, ...]
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The write side of one token [B, d] for streams at different positions: each stream's token
+        goes to its own row of ``pending``; the streams whose chunk this token completes (known here
+        from the positions, no device sync) are written together and scattered back."""
+        C, device = self.chunk_size, x.device
+        rows = torch.arange(len(positions), device=device)
+        offsets = torch.tensor([p % C for p in positions], device=device)
+        pending = pending.index_put((rows, offsets), x.to(pending.dtype))  # a new tensor: the caller's is kept
+        memory, summaries, sequence = state
+        done = [b for b, p in enumerate(positions) if p % C == C - 1]
+        if done:
+            idx = torch.tensor(done, device=device)
+            entering = MemoryState(*(t.index_select(0, idx) for t in state))
+            chunk = pending.index_select(0, idx).to(x.dtype).unsqueeze(1)  # [len(done), 1, C, d]
+            _, final = memory_write(chunk, entering, self.params(), self.heads, self.scan_block)
+            memory, summaries, sequence = (
+                t.index_copy(0, idx, f.to(t.dtype)) for t, f in zip(state, final, strict=True)
+            )
+            pending = pending.index_fill(0, idx, 0.0)
+        return memory, summaries, sequence, pending

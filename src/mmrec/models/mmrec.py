@@ -15,7 +15,7 @@ from mmrec.layers.memory import LongTermMemory
 from mmrec.layers.short_term import ShortTermMixer
 from mmrec.models.generation import GenerationMixin
 from mmrec.models.output import LMOutput, check_input_ids, lm_loss
-from mmrec.models.state import MMRecState, StateError
+from mmrec.models.state import MMRecState, Position, StateError, position_problem
 from mmrec.ops.scan import accumulation_dtype
 
 
@@ -33,7 +33,7 @@ class MMRecBlock(nn.Module):
         self.mlp = SwiGLU(cfg.d_model, cfg.d_ff)
 
     def forward(
-        self, x: Tensor, st: dict[str, Tensor], position: int, fresh: bool = False
+        self, x: Tensor, st: dict[str, Tensor], position: Position, fresh: bool = False
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """``fresh``: the streams start here, with the memory slots at their learned start
         (read inside the block, where FSDP2 has gathered the block's parameters)."""
@@ -155,8 +155,9 @@ class MMRecLM(nn.Module, GenerationMixin):
                 )
             if t.device != self.device:
                 raise StateError(f"state is on {t.device} but the model is on {self.device}; use state.to(device)")
-        if not isinstance(state.position, int) or state.position < 0:
-            raise StateError(f"state position must be an integer >= 0, got {state.position!r}")
+        problem = position_problem(state.position, batch_size)
+        if problem is not None:
+            raise StateError(problem)
         return state
 
     def forward(self, input_ids: Tensor, state: MMRecState | None = None, targets: Tensor | None = None) -> LMOutput:
@@ -181,14 +182,24 @@ class MMRecLM(nn.Module, GenerationMixin):
             state = self._zero_state(B)
         else:
             state = self.check_state(state, B)
+        position = state.position
+        if isinstance(position, tuple):
+            if len(set(position)) == 1:
+                position = position[0]
+            elif T != 1:
+                raise StateError(
+                    f"the streams of this state are at different positions {position}: they can be decoded "
+                    f"together one token at a time, but a call of {T} tokens must feed the streams separately "
+                    "(prefill each stream alone, then cat the states and decode them together)"
+                )
         x = self.embed(ids)  # [B, T, d]
         per_layer: list[dict[str, Tensor]] = []
         for i, block in enumerate(self.layers):
             st = {name: t[i] for name, t in state.tensors().items()}
-            x, new = block(x, st, state.position, fresh)
+            x, new = block(x, st, position, fresh)
             per_layer.append(new)
         new_state = MMRecState(
-            position=state.position + T,
+            position=position + T if isinstance(position, int) else tuple(p + T for p in position),
             **{name: torch.stack([layer[name] for layer in per_layer]) for name in per_layer[0]},
         )
         return self.norm(x), new_state

@@ -135,6 +135,10 @@ class TransformerLM(nn.Module, GenerationMixin):
                 )
             if t.device != self.device:
                 raise StateError(f"state is on {t.device} but the model is on {self.device}; use state.to(device)")
+        if not isinstance(state.position, int) or isinstance(state.position, bool) or state.position < 0:
+            raise StateError(
+                f"a KV cache has one position for all its streams, an integer >= 0; got {state.position!r}"
+            )
         return state
 
     def forward(self, input_ids: Tensor, state: KVCache | None = None, targets: Tensor | None = None) -> LMOutput:

@@ -36,6 +36,7 @@ tokens' dtype.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -234,9 +235,25 @@ def memory_read(tokens: Tensor, entering: MemoryState, params: MemoryParams, hea
     return _merge_heads(o).view(B, n, C, d_mem)
 
 
-def memory_read_step(token: Tensor, state: MemoryState, params: MemoryParams, heads: int, completed: int) -> Tensor:
+def _step_read_mask(completed: int | Sequence[int], n_slots: int, window: int, device: torch.device) -> Tensor | None:
+    """[B or 1, E] True where a stream's entry may be read, or None when all may (one step, streams
+    that completed ``completed`` chunks: one count for all, or one per stream)."""
+    if isinstance(completed, int):
+        return _read_mask(completed, 1, n_slots, window, device)
+    if min(completed) >= window:
+        return None
+    done = torch.tensor(list(completed), device=device).unsqueeze(1)  # [B, 1]
+    valid = done + torch.arange(window, device=device) >= window  # [B, W]: as _fifo_valid, per stream
+    always = torch.ones(valid.size(0), 1, dtype=torch.bool, device=device)
+    return torch.cat([always.expand(-1, n_slots), valid, always, always], dim=1)
+
+
+def memory_read_step(
+    token: Tensor, state: MemoryState, params: MemoryParams, heads: int, completed: int | Sequence[int]
+) -> Tensor:
     """The read of one token per stream (decoding): token [B, d], ``state`` as it stands now,
-    ``completed`` chunks of the stream completed so far. Returns [B, d_mem].
+    ``completed`` chunks completed so far: one count for every stream, or one per stream (streams at
+    different positions read different parts of their FIFO). Returns [B, d_mem].
 
     Instead of projecting every entry to keys and values, the query is
     projected into entry space, q . (W_k e) = (W_k^T q) . e, and the
@@ -251,9 +268,9 @@ def memory_read_step(token: Tensor, state: MemoryState, params: MemoryParams, he
     w_k, w_v = params.read_kv.to(token.dtype).view(2, heads, -1, d_mem)  # [h, dh, d_mem] each
     q = F.linear(token, params.read_q).view(B, heads, -1)  # [B, h, dh]
     scores = torch.einsum("bhm,bem->bhe", torch.einsum("bhk,hkm->bhm", q, w_k), entries) * q.size(-1) ** -0.5
-    mask = _read_mask(completed, 1, n_slots, window, token.device)
+    mask = _step_read_mask(completed, n_slots, window, token.device)
     if mask is not None:
-        scores = scores.masked_fill(~mask[0], float("-inf"))
+        scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))  # [B or 1, 1, E] over [B, h, E]
     # At least float32 for the softmax under bf16; float64 stays float64.
     p = torch.softmax(scores.to(accumulation_dtype(scores.dtype)), dim=-1).to(token.dtype)  # [B, h, E]
     o = torch.einsum("bhm,hkm->bhk", torch.einsum("bhe,bem->bhm", p, entries), w_v)  # [B, h, dh]
