@@ -18,7 +18,7 @@ from mmrec.version import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mmrec.cli import commands, hf, synth
+    from mmrec.cli import commands, hf, serve, synth
 
     parser = argparse.ArgumentParser(
         prog="mmrec", description="MM-Rec: long-context language modelling with a dual memory."
@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands.COMPARE.add_to(sub, "compare")
     commands.GENERATE.add_to(sub, "generate")
+    serve.SERVE.add_to(sub, "serve")
     group(sub, "export", "export a checkpoint (Hugging Face folder)", [hf.EXPORT_HF], "export")
     commands.STAGES.add_to(sub, "stages")
     commands.DEMO.add_to(sub, "demo")
