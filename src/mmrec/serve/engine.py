@@ -77,8 +77,7 @@ class Job:
         self.generated = 0
         self.finishing: str | None = None  # the finish reason of a row that takes its last (feeding) step
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._text = ""
-        self._sent = 0
+        self._unsent = ""  # decoded text not yet handed to the sink
 
     def cancel(self) -> None:
         """The client went away: the engine drops the row at its next step."""
@@ -87,10 +86,10 @@ class Job:
     # Text: whole UTF-8 characters, held back while they might be the start of a stop string.
 
     def _hold(self) -> int:
-        """Characters at the end of the text that could begin a stop string."""
-        tail = self._text[self._sent :]
-        for k in range(min(len(tail), max((len(s) for s in self.stop), default=1) - 1), 0, -1):
-            if any(s.startswith(tail[-k:]) for s in self.stop):
+        """Characters at the end of the unsent text that could begin a stop string."""
+        longest = min(len(self._unsent), max((len(s) for s in self.stop), default=1) - 1)
+        for k in range(longest, 0, -1):
+            if any(s.startswith(self._unsent[-k:]) for s in self.stop):
                 return k
         return 0
 
@@ -98,29 +97,28 @@ class Job:
         """Account one generated token; returns the finish reason when the row is done."""
         self.generated += 1
         if eos is not None and token == eos:
-            self._flush(final=True)
+            self._flush()
             return "stop"
-        self._text += self._decoder.decode(piece)
-        if self.stop:
-            hits = [i for i in (self._text.find(s, self._sent) for s in self.stop) if i >= 0]
-            if hits:
-                self._emit(self._text[self._sent : min(hits)])
-                return "stop"
+        self._unsent += self._decoder.decode(piece)
+        # A stop string can only begin in the unsent text: sent text never ends with the start of one.
+        hits = [i for i in (self._unsent.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self._emit(min(hits))
+            return "stop"
         if self.generated >= self.max_tokens:
-            self._flush(final=True)
+            self._flush()
             return "length"
-        self._emit(self._text[self._sent : len(self._text) - self._hold()])
+        self._emit(len(self._unsent) - self._hold())
         return None
 
-    def _flush(self, final: bool) -> None:
-        if final:
-            self._text += self._decoder.decode(b"", final=True)
-        self._emit(self._text[self._sent :])
+    def _flush(self) -> None:
+        self._unsent += self._decoder.decode(b"", final=True)
+        self._emit(len(self._unsent))
 
-    def _emit(self, text: str) -> None:
-        if text:
-            self._sent += len(text)
-            self.sink(TextChunk(text))
+    def _emit(self, n: int) -> None:
+        if n > 0:
+            self.sink(TextChunk(self._unsent[:n]))
+        self._unsent = self._unsent[n:]
 
 
 @dataclass
