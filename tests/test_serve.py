@@ -96,8 +96,12 @@ def test_three_turns_through_a_session_equal_one_call_and_survive_a_restart(run_
     replies = []
     with LiveServer(create_app(run_dir, sessions_dir=store)) as server:
         client = server.client()
-        for turn in TURNS[:2]:
-            replies.append(_turn(client, turn, "talk").choices[0].text)
+        replies.append(_turn(client, TURNS[0], "talk").choices[0].text)
+        # The second turn streamed: a streamed reply is kept in the session as well.
+        chunks = client.completions.create(
+            model=MODEL, prompt=TURNS[1], max_tokens=24, temperature=0, stream=True, extra_body={"session": "talk"}
+        )
+        replies.append("".join(c.choices[0].text for c in chunks))
         # Not the session: the same last prompt on its own, and the whole conversation in one call.
         alone = _greedy(client, TURNS[2])
         history = TURNS[0] + replies[0] + TURNS[1] + replies[1] + TURNS[2]
