@@ -12,13 +12,26 @@ import torch
 import mmrec
 from mmrec.cli import main
 from mmrec.cli.synth import InductionOptions, parse_mix
-from mmrec.cli.tasks import HELD_OUT_SEED
-from mmrec.evals.context import evaluate_task, plan_context, state_floats
-from mmrec.evals.synthetic import IGNORE, PAD_ID, induction_batch, mqar_batch, score, selective_copy_batch
+from mmrec.evals.context import TaskEval, evaluate_task, plan_context, state_floats
+from mmrec.evals.synthetic import (
+    IGNORE,
+    MQAR_LAYOUTS,
+    PAD_ID,
+    SEED_LIMIT,
+    STREAMS,
+    _mqar_pairs,
+    induction_batch,
+    mqar_batch,
+    mqar_zoology_batch,
+    score,
+    selective_copy_batch,
+    stream_generator,
+    stream_seed,
+)
 from mmrec.models.factory import build_model, resolve_model_config
 from mmrec.train import tasks
 from mmrec.train.schedule import penalty_ramp
-from mmrec.train.tasks import scored_forward, scored_positions, train_task
+from mmrec.train.tasks import scored_forward, scored_positions, sweep_lr, train_task
 
 
 @pytest.fixture(autouse=True)
@@ -123,6 +136,127 @@ def test_mqar_rejects_bad_arguments(kwargs: dict, names: str) -> None:
 def test_generators_need_a_torch_generator() -> None:
     with pytest.raises(TypeError, match="torch.Generator"):
         mqar_batch(2, 32, 4, 64, 0)  # type: ignore[arg-type]
+
+
+def test_mqar_zoology_layout() -> None:
+    """Every property of Zoology's multiquery_ar, checked on generated batches."""
+    B, T, N, V = 64, 64, 8, 128
+    x, y = mqar_zoology_batch(B, T, N, V, gen(0))
+    assert x.shape == y.shape == (B, T) and x.dtype == y.dtype == torch.long
+    assert int(x.min()) >= 0 and int(x.max()) < V
+    follows_value = 0
+    fillers: list[int] = []
+    for b in range(B):
+        keys, values = x[b, 0 : 2 * N : 2].tolist(), x[b, 1 : 2 * N : 2].tolist()
+        assert all(1 <= k < V // 2 for k in keys) and len(set(keys)) == N  # lower half, each key once
+        assert all(V // 2 <= v < V for v in values) and len(set(values)) == N  # upper half
+        pairs = dict(zip(keys, values, strict=True))
+        scored = (y[b] != IGNORE).nonzero()[:, 0].tolist()
+        # One label per key, at even offsets of the query region, on the key itself; the label is its value.
+        assert len(scored) == N and all(t >= 2 * N and (t - 2 * N) % 2 == 0 for t in scored)
+        assert sorted(x[b, t].item() for t in scored) == sorted(keys)
+        for t in scored:
+            assert y[b, t].item() == pairs[x[b, t].item()]
+            follows_value += int(t + 1 < T and x[b, t + 1].item() == pairs[x[b, t].item()])
+        # Everything else of the query region, the token after each queried key included, is a random filler.
+        fillers += [x[b, t].item() for t in range(2 * N, T) if t not in scored]
+    assert (y[:, : 2 * N] == IGNORE).all()
+    # The value is not shown after its query: only a filler that happens to equal it (1/128 per query, ~4 of 512).
+    assert follows_value < 0.03 * B * N
+    # Fillers are uniform over the whole vocabulary, as Zoology's torch.randint(vocab_size): not PAD blanks.
+    counts = torch.bincount(torch.tensor(fillers), minlength=V).double()
+    assert counts[PAD_ID] < 3 * counts.mean() and (counts > 0).sum() > 0.95 * V
+    assert abs(sum(fillers) / len(fillers) - (V - 1) / 2) < 0.05 * V
+
+
+def test_mqar_zoology_matches_zoologys_construction() -> None:
+    """Zoology's index arithmetic (numpy, transcribed from zoology/data/multiquery_ar.py) on the same draws."""
+    np = pytest.importorskip("numpy")
+    B, T, N, V = 16, 96, 6, 256
+    x, y = mqar_zoology_batch(B, T, N, V, gen(7), power_a=0.3)
+    keys, values, gaps = (t.numpy() for t in _mqar_pairs(B, T, N, V, gen(7), 0.3))  # the same draws
+    context_size = 2 * N
+    kvs = np.zeros((B, context_size), dtype=np.int64)
+    kvs[:, 0::2], kvs[:, 1::2] = keys, values
+    queries = np.zeros((B, T - context_size + 1), dtype=np.int64)
+    np.put_along_axis(queries, gaps * 2, values=keys, axis=1)
+    examples = np.concatenate([kvs, queries], axis=1)
+    labels = np.full((B, T + 1), -100, dtype=np.int64)
+    np.put_along_axis(labels, gaps * 2 + context_size + 1, values=values, axis=1)
+    ref_inputs, ref_labels = torch.tensor(examples[:, :-1]), torch.tensor(labels[:, 1:])
+    assert torch.equal(y, ref_labels)
+    placed = ref_inputs != 0  # Zoology then replaces every 0 by a random token
+    assert torch.equal(x[placed], ref_inputs[placed])
+
+
+def test_mqar_gaps_are_drawn_as_numpy_choice_draws_them() -> None:
+    """Gumbel top-k in order == np.random.choice(space, N, replace=False, p): first and second draws."""
+    np = pytest.importorskip("numpy")
+    space, N, a, draws = 6, 2, 0.3, 20_000
+    p = a * np.arange(1, space + 1) ** (a - 1)
+    p = p / p.sum()
+    rng = np.random.default_rng(0)
+    ref = np.stack([rng.choice(space, size=N, replace=False, p=p) for _ in range(draws)])
+    _, _, gaps = _mqar_pairs(draws, 2 * N + 2 * space, N, 64, gen(0), a)
+    for i in range(N):
+        ours = torch.bincount(gaps[:, i], minlength=space).double() / draws
+        theirs = torch.tensor(np.bincount(ref[:, i], minlength=space) / draws)
+        assert (ours - theirs).abs().max() < 0.015, (i, ours, theirs)
+
+
+def test_mqar_zoology_power_law_and_key_order() -> None:
+    _, y = mqar_zoology_batch(64, 512, 16, 1024, gen(0), power_a=0.01)
+    _, y_uniform = mqar_zoology_batch(64, 512, 16, 1024, gen(0), power_a=1.0)
+    mean_pos = lambda t: (t != IGNORE).nonzero()[:, 1].float().mean()  # noqa: E731
+    assert mean_pos(y) < mean_pos(y_uniform) - 50
+    # As in Zoology, the first key of the context takes the first gap drawn: earlier pairs are queried sooner.
+    _, _, gaps = _mqar_pairs(256, 512, 16, 1024, gen(1), 0.01)
+    assert gaps[:, 0].double().mean() < gaps[:, -1].double().mean()
+
+
+def test_mqar_layouts_are_seeded_and_checked_alike() -> None:
+    assert set(MQAR_LAYOUTS) == {"zoology", "legacy"}
+    for make in MQAR_LAYOUTS.values():
+        a, b, c = (make(4, 64, 8, 128, gen(s)) for s in (3, 3, 4))
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and not torch.equal(a[0], c[0])
+        with pytest.raises(ValueError, match="seq_len 15 is too short"):
+            make(2, 15, 4, 64, gen(0))
+        with pytest.raises(ValueError, match="vocab_size 16 is too small"):
+            make(2, 64, 8, 16, gen(0))
+        with pytest.raises(TypeError, match="torch.Generator"):
+            make(2, 32, 4, 64, 0)
+
+
+# Seed streams ----------------------------------------------------------------
+
+
+def test_a_cpu_generator_keeps_only_32_bits_of_its_seed() -> None:
+    """Why the streams live inside 32 bits: seeds 2**32 apart give the same batches."""
+    assert torch.equal(torch.rand(8, generator=gen(7)), torch.rand(8, generator=gen(7 + 2**32)))
+
+
+def test_evaluation_seeds_never_meet_training_or_selection_seeds() -> None:
+    seeds = [0, 1, 2, 3, 1_000_003, 2**29, SEED_LIMIT - 1, *torch.randint(0, SEED_LIMIT, (5000,), generator=gen(0))]
+    seeds = [int(s) for s in seeds]
+    streams = {role: {stream_seed(s, role) % 2**32 for s in seeds} for role in STREAMS}
+    assert streams["train"] == set(seeds)  # the training stream is the seed itself
+    assert not streams["evaluation"] & (streams["train"] | streams["validation"])
+    assert not streams["validation"] & streams["train"]
+    # And the batches differ: no evaluation sequence of seed 0 is a training or validation one of seeds 0..9.
+    drawn = {
+        role: {
+            tuple(r)
+            for s in range(10)
+            for r in mqar_zoology_batch(16, 32, 4, 64, stream_generator(s, role))[0].tolist()
+        }
+        for role in STREAMS
+    }
+    assert not drawn["evaluation"] & (drawn["train"] | drawn["validation"])
+    for bad in (-1, SEED_LIMIT, True, 2.0):
+        with pytest.raises(ValueError, match="seed must be an integer in"):
+            stream_seed(bad, "evaluation")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="role"):
+        stream_seed(0, "test")
 
 
 def test_induction_layout() -> None:
@@ -362,6 +496,8 @@ class BatchLog:
     def __init__(self) -> None:
         self.rows: dict[str, set[tuple[int, ...]]] = {"train": set(), "eval": set()}
         self.counts = {"train": 0, "eval": 0}
+        self.seeds: dict[str, set[int]] = {"train": set(), "eval": set()}  # the generators' seeds
+        self.by_seed: dict[int, set[tuple[int, ...]]] = {}
         self.phase = "train"
 
     def evaluating(self, real: Any) -> Any:
@@ -379,6 +515,9 @@ class BatchLog:
             x, y = real(*args, **kwargs)
             self.rows[self.phase].update(map(tuple, x.tolist()))
             self.counts[self.phase] += x.size(0)
+            g = next(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Generator))
+            self.seeds[self.phase].add(g.initial_seed())
+            self.by_seed.setdefault(g.initial_seed(), set()).update(map(tuple, x.tolist()))
             return x, y
 
         return wrapper
@@ -398,11 +537,13 @@ def test_task_loop_evaluates_on_batches_it_never_trained_on(monkeypatch: pytest.
     log.assert_held_out(min_eval_rows=3 * 4)
     assert len(log.rows["eval"]) == 12  # 12 distinct held-out sequences, none drawn for training
     # The reported accuracy is that of those held-out batches (the training generator's are others).
-    held_out = evaluate_task(model, lambda b, g: induction_batch(b, 24, 16, g), 3, 4, "cpu", seed=3 + 1_000_003)
+    held_out = evaluate_task(
+        model, lambda b, g: induction_batch(b, 24, 16, g), 3, 4, "cpu", seed=stream_seed(3, "evaluation")
+    )
     assert result["accuracy"] == held_out.accuracy
 
 
-@pytest.mark.parametrize("task", ["mqar", "induction"])
+@pytest.mark.parametrize("task", ["mqar", "mqar-sweep", "mqar-legacy", "induction"])
 def test_cli_evaluates_on_batches_it_never_trained_on(task: str, tmp_path, monkeypatch) -> None:  # noqa: ANN001
     import mmrec.cli.synth as cli_synth
     import mmrec.cli.tasks as cli_tasks
@@ -411,17 +552,90 @@ def test_cli_evaluates_on_batches_it_never_trained_on(task: str, tmp_path, monke
     log = BatchLog()
     for module in (tasks, cli_tasks, cli_synth):
         monkeypatch.setattr(module, "evaluate_task", log.evaluating(module.evaluate_task))
-    for name in ("mqar_batch", "induction_batch"):
-        monkeypatch.setattr(synthetic, name, log.recording(getattr(synthetic, name)))
+    monkeypatch.setattr(synthetic, "induction_batch", log.recording(synthetic.induction_batch))
+    for layout, make in list(MQAR_LAYOUTS.items()):
+        monkeypatch.setitem(synthetic.MQAR_LAYOUTS, layout, log.recording(make))
     common = ["--steps", "4", "--batch-size", "4", "--seed", "5", "--device", "cpu", "--out", str(tmp_path / task)]
-    if task == "mqar":
+    if task.startswith("mqar"):
         args = ["--seq-len", "32", "--kv-pairs", "4", "--vocab-size", "64", "--eval-batches", "2"]
-        minimum = 2 * 4
+        args += {"mqar": [], "mqar-sweep": ["--lrs", "1e-3", "3e-3"], "mqar-legacy": ["--layout", "legacy"]}[task]
+        minimum = 2 * 4 * (2 if task == "mqar-sweep" else 1)
     else:  # held out at the training length, then the test lengths (the training length among them)
         args = ["--train-len", "24", "--test-lens", "24", "40", "--test-batches", "2", "--vocab-size", "16"]
         minimum = 8 * 4 + 2 * 2 * 4
-    assert cli(["synth", task, *TINY_MODEL, *args, *common]) == 0
+    assert cli(["synth", task.split("-")[0], *TINY_MODEL, *args, *common]) == 0
     log.assert_held_out(minimum)
+    # Evaluation batches come from seed 5's evaluation stream only; a sweep chose on its validation stream.
+    evaluated = {stream_seed(5, "evaluation")} | ({stream_seed(5, "validation")} if task == "mqar-sweep" else set())
+    assert log.seeds["eval"] == evaluated
+    assert not log.seeds["train"] & evaluated
+    if task == "mqar-sweep":
+        validation_rows = log.by_seed[stream_seed(5, "validation")]
+        assert not validation_rows & log.by_seed[stream_seed(5, "evaluation")]
+
+
+def test_sweep_chooses_on_validation_and_scores_on_evaluation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The choice reads validation batches only; the reported score is the chosen model's on evaluation batches."""
+    seed = 11
+    # lr -> (validation accuracy, evaluation accuracy, final loss); None diverges.
+    table = {1e-3: (0.5, 0.9, 1.0), 3e-3: (0.8, 0.1, 0.5), 1e-2: None, 3e-2: (0.8, 0.95, 0.7)}
+    calls: list[int] = []
+
+    def fake_evaluate(model: Any, make_batch: Any, n: int, bs: int, device: Any, seed: int) -> TaskEval:
+        calls.append(seed)
+        which = {stream_seed(11, "validation"): 0, stream_seed(11, "evaluation"): 1}[seed]
+        return TaskEval(32, table[model.lr][which], 0, n * bs, "full", "", 0, 0.0)
+
+    def train(model: Any, lr: float, eval_fn: Any) -> dict[str, Any]:
+        model.lr = lr
+        if table[lr] is None:
+            raise FloatingPointError("the loss became nan at step 3")
+        eval_fn(model)
+        return {"history": [table[lr][2]] * 12, "checkpoint": None}
+
+    inits: list[int] = []
+
+    def build() -> torch.nn.Module:
+        inits.append(torch.initial_seed())
+        return torch.nn.Linear(1, 1)
+
+    monkeypatch.setattr(tasks, "evaluate_task", fake_evaluate)
+    sweep = sweep_lr(list(table), build, train, lambda b, g: (None, None), 2, 4, "cpu", seed, log=None)
+    assert inits == [seed] * 4  # every run starts from the same initial weights
+    assert [r.lr for r in sweep.runs] == list(table) and sweep.runs[2].validation is None
+    assert "diverged" in sweep.runs[2].note
+    # 0.8 twice: the lower final training loss wins (3e-3), although 3e-2 and 1e-3 would score higher on evaluation.
+    assert sweep.chosen is sweep.runs[1] and sweep.evaluation is not None and sweep.evaluation.accuracy == 0.1
+    assert calls == [stream_seed(seed, "validation")] * 3 + [stream_seed(seed, "evaluation")]
+    with pytest.raises(ValueError, match="distinct"):
+        sweep_lr([1e-3, 1e-3], build, train, lambda b, g: (None, None), 2, 4, "cpu", seed, log=None)
+    everything_diverges = sweep_lr([1e-2], build, train, lambda b, g: (None, None), 2, 4, "cpu", seed, log=None)
+    assert everything_diverges.chosen is None and everything_diverges.evaluation is None
+
+
+def test_cli_mqar_sweep_writes_every_run_and_the_choice(tmp_path) -> None:  # noqa: ANN001
+    out = tmp_path / "sweep"
+    code = cli(
+        ["synth", "mqar", *TINY_MODEL, "--seq-len", "32", "--kv-pairs", "4", "--vocab-size", "64"]
+        + ["--steps", "4", "--batch-size", "4", "--eval-batches", "1", "--lrs", "1e-3", "1e-2", "--seed", "2"]
+        + ["--out", str(out), "--device", "cpu"]
+    )
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    runs = results["lr_sweep"]
+    assert [r["lr"] for r in runs] == [1e-3, 1e-2]
+    best = max(runs, key=lambda r: (r["validation_accuracy"], -r["final_loss"]))
+    assert results["lr"] == best["lr"] and results["checkpoint"] == best["checkpoint"]
+    for r in runs:  # each run is its own loadable model with its own metrics
+        assert mmrec.load(r["checkpoint"]).config["lr"] == r["lr"]
+        assert (out / f"lr-{r['lr']:g}" / "metrics.csv").exists()
+    # The reported accuracy is the chosen model's on seed 2's evaluation stream, recomputed here.
+    loaded = mmrec.load(results["checkpoint"])
+    x, y = mqar_zoology_batch(4, 32, 4, 64, stream_generator(2, "evaluation"))
+    with torch.no_grad():
+        correct, total = score(loaded.model(x).logits, y)
+    assert results["accuracy"] == correct / total and total == results["eval_queries"]
+    assert "Chosen on validation batches" in (out / "results.md").read_text()
 
 
 def test_a_length_that_scores_nothing_is_not_evaluated() -> None:
@@ -462,8 +676,10 @@ def test_cli_mqar_writes_results(tmp_path) -> None:  # noqa: ANN001
     assert loaded.path == out / "step-000006" and results["checkpoint"] == str(loaded.path)
     assert loaded.model_config.to_dict() == results["model_config"] and loaded.trained_seq_len == 32
     assert loaded.meta["kind"] == "synth" and loaded.config["task"] == "mqar"
-    # The accuracy is that of the held-out batch (seed 0 + HELD_OUT_SEED) under the saved model, recomputed here.
-    x, y = mqar_batch(4, 32, 4, 64, gen(HELD_OUT_SEED))
+    assert results["layout"] == "zoology" and results["lr_sweep"] is None
+    assert results["seed_streams"] == {role: stream_seed(0, role) for role in STREAMS}
+    # The accuracy is that of the batch of seed 0's evaluation stream under the saved model, recomputed here.
+    x, y = mqar_zoology_batch(4, 32, 4, 64, stream_generator(0, "evaluation"))
     with torch.no_grad():
         correct, total = score(loaded.model(x).logits, y)
     assert total == results["eval_queries"] == 16 and results["accuracy"] == correct / total
@@ -575,6 +791,10 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys) -> None:  # noqa: ANN001
         (["--write-l1", "0.1"], "write_l1: 0.1 penalises MM-Rec's sparse-write gates"),
         (["--device", "cuda:7"], "--device: cuda:7"),
         (["--lr", "nan"], "lr: expected a number"),
+        (["--lrs", "1e-3", "1e-3"], "lrs: give distinct learning rates"),
+        (["--lrs", "1e-3", "-1"], "lrs: must be a finite number > 0"),
+        (["--seed", str(2**30)], "seed: seed must be an integer in [0, 2**30)"),
+        (["--layout", "hazy"], "invalid choice: 'hazy'"),
     ):
         if bad[:2] == ["--device", "cuda:7"] and torch.cuda.device_count() > 7:
             continue

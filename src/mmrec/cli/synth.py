@@ -9,7 +9,9 @@ model as a step directory (``mmrec.load(OUT)``).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -19,14 +21,12 @@ import torch
 from mmrec.cli.passkey import EVAL_PASSKEY, PASSKEY_DATA, SYNTH_PASSKEY
 from mmrec.cli.tasks import (
     HELD_OUT_BATCHES,
-    HELD_OUT_SEED,
     LongContextOptions,
     TaskOptions,
     accuracy_text,
     at_least,
     command,
     finite,
-    held_out_evaluator,
     make_out,
     model_fields,
     plot_lines,
@@ -38,7 +38,7 @@ from mmrec.evals import synthetic as syn
 from mmrec.evals.common import write_results
 from mmrec.evals.context import MakeBatch, TaskEval, evaluate_task, state_floats
 from mmrec.models.factory import build_model
-from mmrec.train.tasks import TaskOutput
+from mmrec.train.tasks import LrSweep, TaskOutput, sweep_lr
 
 __all__ = ["COMMANDS", "EVAL_PASSKEY"]
 
@@ -75,6 +75,33 @@ def _dry_run(make_batch: MakeBatch, where: str = "") -> None:
         raise ConfigError(f"{where}{e}") from None
 
 
+def _check_seed(seed: int) -> None:
+    """The seed must keep its training, validation and evaluation streams apart (``syn.stream_seed``)."""
+    try:
+        syn.stream_seed(seed, "evaluation")
+    except ValueError as e:
+        raise ConfigError(f"seed: {e}") from None
+
+
+def _evaluator(
+    make_batch: MakeBatch, n_batches: int, batch_size: int, device: torch.device, seed: int, **kwargs: Any
+) -> tuple[Any, list[TaskEval]]:
+    """``eval_fn`` for ``train_task`` on batches of the evaluation stream of ``seed``, and the list it fills.
+
+    The list keeps every evaluation whole, so a result that could not be measured stays None (null in
+    results.json); ``train_task`` itself only receives a number (nan for none).
+    """
+    done: list[TaskEval] = []
+    evaluation_seed = syn.stream_seed(seed, "evaluation")
+
+    def evaluate(model: torch.nn.Module) -> float:
+        ev = evaluate_task(model, make_batch, n_batches, batch_size, device, seed=evaluation_seed, **kwargs)
+        done.append(ev)
+        return math.nan if ev.accuracy is None else ev.accuracy
+
+    return evaluate, done
+
+
 def _start(opts: TaskOptions, task: str, train_len: int, summary: str) -> tuple[Any, torch.device]:
     """Seed, device, the model on it, the output folder and the first line: what every task does before training."""
     device = setup(opts)
@@ -103,6 +130,20 @@ class MqarOptions(TaskOptions):
     kv_pairs: int = _doc("Key-value pairs.", default=64, group="task")
     vocab_size: int = _doc("Vocabulary of the task (and the model).", default=8192, group="task")
     power_a: float = _doc("Query placement power law, Zoology's.", default=0.01, group="task")
+    layout: str = _doc(
+        "zoology: Zoology's multiquery_ar (random tokens everywhere not a pair or a queried key, the value never "
+        "shown after its query); legacy: this project's first layout (the value follows each queried key, blanks "
+        "elsewhere), to reproduce results measured with it.",
+        default="zoology",
+        choices=tuple(syn.MQAR_LAYOUTS),
+        group="task",
+    )
+    lrs: list[float] = _doc(
+        "Sweep these learning rates instead of --lr: one model each, the same seed and steps; the one with the "
+        "best accuracy on validation batches is chosen and scored on evaluation batches of another seed stream.",
+        default_factory=list,
+        group="training",
+    )
     train_mix: list[str] = _doc(
         "SEQ:KV[:WEIGHT]: train on batches drawn from these settings by weight (one setting per batch) instead of "
         "the test setting; 'zoology' is Zoology's training set (64:4, 128:8, 256:16, 256:32, 256:64 weighted by "
@@ -119,6 +160,11 @@ class MqarOptions(TaskOptions):
         _positive(self, "seq_len", "kv_pairs", "eval_batches")
         _require(self.vocab_size >= 4, "vocab_size", f"must be >= 4, got {self.vocab_size}")
         finite(self.power_a, "power_a", 0.0, strict=True)
+        _require(self.layout in syn.MQAR_LAYOUTS, "layout", f"must be one of {tuple(syn.MQAR_LAYOUTS)}")
+        _require(len(set(self.lrs)) == len(self.lrs), "lrs", f"give distinct learning rates, got {self.lrs}")
+        for lr in self.lrs:
+            finite(lr, "lrs", 0.0, strict=True)
+        _check_seed(self.seed)
         _dry_run(self.test_batch)
         self.mix = parse_mix(self.train_mix)
         for seq, kv, _ in self.mix:
@@ -130,10 +176,10 @@ class MqarOptions(TaskOptions):
         return max([self.seq_len, *(seq for seq, _, _ in self.mix)])
 
     def test_batch(self, b: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        return syn.mqar_batch(b, self.seq_len, self.kv_pairs, self.vocab_size, g, power_a=self.power_a)
+        return self.mix_batch(self.seq_len, self.kv_pairs, b, g)
 
     def mix_batch(self, seq_len: int, kv_pairs: int, b: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        return syn.mqar_batch(b, seq_len, kv_pairs, self.vocab_size, g, power_a=self.power_a)
+        return syn.MQAR_LAYOUTS[self.layout](b, seq_len, kv_pairs, self.vocab_size, g, power_a=self.power_a)
 
     def train_batch(self, b: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         # Each training batch is one setting of the mix, drawn by weight; evaluation stays on the test setting.
@@ -144,17 +190,45 @@ class MqarOptions(TaskOptions):
         return self.mix_batch(seq, kv, b, g)
 
 
+def _sweep_mqar(opts: MqarOptions, device: torch.device) -> LrSweep:
+    """One model per --lrs value, each in OUT/lr-<lr>/ (metrics.csv and its step directory)."""
+
+    def build() -> torch.nn.Module:
+        assert opts.model is not None
+        return build_model(opts.model).to(device)
+
+    def train(model: torch.nn.Module, lr: float, evaluate: Any) -> dict[str, Any]:
+        run = dataclasses.replace(opts, lr=lr, lrs=[])
+        output = TaskOutput(Path(opts.out) / f"lr-{lr:g}", opts.longest, config=run.settings("mqar"))
+        print(f"learning rate {lr:g}:", flush=True)
+        return run.train(model, opts.train_batch, device, evaluate, output)
+
+    sweep = sweep_lr(opts.lrs, build, train, opts.test_batch, opts.eval_batches, opts.batch_size, device, opts.seed)
+    if sweep.chosen is None:
+        raise ValueError(
+            f"every learning rate of --lrs {' '.join(f'{lr:g}' for lr in opts.lrs)} diverged; try smaller ones"
+        )
+    return sweep
+
+
 def run_mqar(opts: MqarOptions) -> int:
     summary = (
-        f"{opts.seq_len} tokens, {opts.kv_pairs} pairs, vocabulary {opts.vocab_size}; {opts.steps} steps of "
-        f"{opts.batch_size}"
+        f"{opts.layout} layout, {opts.seq_len} tokens, {opts.kv_pairs} pairs, vocabulary {opts.vocab_size}; "
+        f"{opts.steps} steps of {opts.batch_size}"
+        + (f"; learning rate chosen from {', '.join(f'{lr:g}' for lr in opts.lrs)}" if opts.lrs else "")
     )
     model, device = _start(opts, "MQAR", opts.longest, summary)
     fields = model_fields(opts, model, device)
-    # Fresh batches of the test setting from another seed: the accuracy train_task reports, kept whole.
-    evaluate, held_out = held_out_evaluator(opts.test_batch, opts.eval_batches, opts.batch_size, device, opts.seed)
-    trained = opts.train(model, opts.train_batch, device, evaluate, _output(opts, "mqar", opts.longest))
-    evaluation = held_out[-1]
+    sweep: LrSweep | None = None
+    if opts.lrs:
+        sweep = _sweep_mqar(opts, device)
+        assert sweep.chosen is not None and sweep.chosen.trained is not None and sweep.evaluation is not None
+        trained, evaluation, lr = sweep.chosen.trained, sweep.evaluation, sweep.chosen.lr
+    else:
+        # Fresh batches of the test setting from the evaluation stream: the accuracy train_task reports, kept whole.
+        evaluate, held_out = _evaluator(opts.test_batch, opts.eval_batches, opts.batch_size, device, opts.seed)
+        trained = opts.train(model, opts.train_batch, device, evaluate, _output(opts, "mqar", opts.longest))
+        evaluation, lr = held_out[-1], opts.lr
     accuracy = evaluation.accuracy  # None (null, "not evaluated") when nothing could be scored
     mix = opts.mix
     results = {
@@ -166,10 +240,25 @@ def run_mqar(opts: MqarOptions) -> int:
         "kv_pairs": opts.kv_pairs,
         "vocab_size": opts.vocab_size,
         "power_a": opts.power_a,
+        "layout": opts.layout,
         "train_mix": [{"seq_len": t, "kv_pairs": kv, "weight": w} for t, kv, w in mix] or None,
         "steps": trained["steps"],
         "batch_size": opts.batch_size,
-        "lr": opts.lr,
+        "lr": lr,
+        "seed_streams": {role: syn.stream_seed(opts.seed, role) for role in syn.STREAMS},
+        "lr_sweep": None
+        if sweep is None
+        else [
+            {
+                "lr": run.lr,
+                "validation_accuracy": None if run.validation is None else run.validation.accuracy,
+                "validation_queries": None if run.validation is None else run.validation.total,
+                "final_loss": run.final_loss,
+                "note": run.note,
+                "checkpoint": None if run.trained is None else str(run.trained["checkpoint"]),
+            }
+            for run in sweep.runs
+        ],
         "train_seconds": round(trained["train_seconds"], 3),
         "seconds_per_step": round(trained["seconds_per_step"], 5),
         "eval_queries": evaluation.total,
@@ -180,15 +269,24 @@ def run_mqar(opts: MqarOptions) -> int:
     }
     arch = fields["arch"]
     table = (
-        f"# MQAR ({arch})\n\n"
-        "| arch | d_model | seq_len | kv_pairs | vocab | steps | accuracy | state floats | params | train s |\n"
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        f"# MQAR ({arch}, {opts.layout} layout)\n\n"
+        "| arch | d_model | seq_len | kv_pairs | vocab | steps | lr | accuracy | state floats | params | train s |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
         f"| {arch} | {fields['d_model']} | {opts.seq_len} | {opts.kv_pairs} | {opts.vocab_size} | {trained['steps']} | "
-        f"{accuracy_text(accuracy)} | {results['state_floats']:,} | {fields['params']:,} | "
+        f"{lr:g} | {accuracy_text(accuracy)} | {results['state_floats']:,} | {fields['params']:,} | "
         f"{trained['train_seconds']:.0f} |\n\n"
-        f"Accuracy over {evaluation.total:,} held-out queries (chance {2 / opts.vocab_size:.4f}).\n"
+        f"Accuracy over {evaluation.total:,} held-out queries (chance {2 / opts.vocab_size:.4f}), drawn from the "
+        "evaluation seed stream, which no training or validation batch came from.\n"
         + ("Trained on the mix " + ", ".join(f"{t}:{kv} (weight {w:g})" for t, kv, w in mix) + ".\n" if mix else "")
     )
+    if sweep is not None:
+        table += "\n| lr | validation accuracy | final training loss |\n|---:|---:|---:|\n" + "".join(
+            f"| {run.lr:g} | {accuracy_text(None if run.validation is None else run.validation.accuracy)} | "
+            + ("diverged" if run.final_loss is None else f"{run.final_loss:.4f}")
+            + " |\n"
+            for run in sweep.runs
+        )
+        table += f"\nChosen on validation batches: lr {lr:g}; its accuracy above is on the evaluation batches.\n"
     out = write_results(opts.out, results, table)
     plot_loss(out, trained["history"], f"MQAR training loss ({arch}, d={fields['d_model']}, T={opts.seq_len})")
     print(table)
@@ -225,6 +323,7 @@ class LengthTaskOptions(TaskOptions, LongContextOptions):
         _positive(self, "test_batches")
         if self.test_batch_size is not None:
             _positive(self, "test_batch_size")
+        _check_seed(self.seed)
         self.check_long_context()
         for length in [self.train_len, *self.test_lens]:
             _dry_run(self.batches(length))
@@ -264,9 +363,7 @@ def run_length_task(opts: LengthTaskOptions) -> int:
     summary = f"training {opts.steps} steps of {opts.batch_size} x {opts.train_len} tokens"
     model, device = _start(opts, task, opts.train_len, summary)
     fields = model_fields(opts, model, device)
-    evaluate, held_out = held_out_evaluator(
-        opts.batches(opts.train_len), HELD_OUT_BATCHES, opts.batch_size, device, opts.seed
-    )
+    evaluate, held_out = _evaluator(opts.batches(opts.train_len), HELD_OUT_BATCHES, opts.batch_size, device, opts.seed)
     trained = opts.train(model, opts.batches(opts.train_len), device, evaluate, _output(opts, task, opts.train_len))
     test_batch = opts.test_batch_size or opts.batch_size
     evals = []
@@ -278,7 +375,7 @@ def run_length_task(opts: LengthTaskOptions) -> int:
             test_batch,
             device,
             opts.stream_window,
-            seed=opts.seed + HELD_OUT_SEED,
+            seed=syn.stream_seed(opts.seed, "evaluation"),
             max_memory_bytes=opts.max_memory_bytes,
             trained_len=opts.train_len,
             beyond=opts.transformer_context,

@@ -8,7 +8,9 @@ groups, the schedule and the clipping are those of ``mmrec train``
 step directory of the one checkpoint format (:mod:`mmrec.models.checkpoint`),
 which ``mmrec.load`` and ``mmrec eval passkey`` read. What the tasks add: the
 loss is taken at the scored positions only, batches are drawn ahead in a
-thread, and a time budget fixes the step count.
+thread, and a time budget fixes the step count. :func:`sweep_lr` trains one
+model per learning rate, chooses on validation batches and scores the choice
+on evaluation batches of another seed stream.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mmrec.evals.context import MakeBatch, evaluate_task
-from mmrec.evals.synthetic import IGNORE
+from mmrec.evals.context import MakeBatch, TaskEval, evaluate_task
+from mmrec.evals.synthetic import IGNORE, stream_seed
 from mmrec.models.checkpoint import save_checkpoint
 from mmrec.train.metrics import MetricsWriter
 from mmrec.train.optim import clip_gradients, cosine_lr, make_optimizer, set_lr
@@ -192,11 +194,14 @@ def train_task(
     no training.
 
     Returns ``history`` (loss per step), ``train_accuracy`` (per step, at the
-    scored positions of that step's batch), ``accuracy``, ``steps``,
+    scored positions of that step's batch), ``accuracy`` (by default on the
+    evaluation stream of ``seed``, :func:`mmrec.evals.synthetic.stream_seed`), ``steps``,
     ``train_seconds``, ``seconds_per_step`` and ``checkpoint`` (or None).
     """
     if steps < 1 or batch_size < 1 or log_every < 1:
         raise ValueError(f"steps, batch_size and log_every must be >= 1, got {steps}, {batch_size}, {log_every}")
+    if eval_fn is None:
+        stream_seed(seed, "evaluation")  # a seed whose streams could collide fails before training, not after
     if not (lr > 0 and math.isfinite(lr)):
         raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
     if not (hasattr(model, "hidden_states") and hasattr(model, "lm_head")):
@@ -308,7 +313,9 @@ def train_task(
     if eval_fn is not None:
         accuracy = float(eval_fn(model))
     else:
-        result = evaluate_task(model, make_batch, eval_batches, batch_size, device, seed=seed + 1_000_003)
+        result = evaluate_task(
+            model, make_batch, eval_batches, batch_size, device, seed=stream_seed(seed, "evaluation")
+        )
         accuracy = result.accuracy  # None when no position was scored: not evaluated, never 0
     return {
         "history": history,
@@ -319,3 +326,95 @@ def train_task(
         "seconds_per_step": train_seconds / steps,
         "checkpoint": checkpoint,
     }
+
+
+@dataclass
+class SweepRun:
+    """One learning rate of a sweep: its training run and its accuracy on the validation stream."""
+
+    lr: float
+    validation: TaskEval | None  # None when training diverged
+    final_loss: float | None  # mean training loss of the last 10 steps
+    trained: dict[str, Any] | None
+    note: str = ""
+
+
+@dataclass
+class LrSweep:
+    """The learning rate chosen on the validation stream, and its model's score on the evaluation stream."""
+
+    runs: list[SweepRun]
+    chosen: SweepRun | None  # None when every learning rate diverged
+    evaluation: TaskEval | None
+    model: nn.Module | None  # the chosen run's trained model
+
+
+def _rank(run: SweepRun) -> tuple[float, float]:
+    # Highest validation accuracy first; ties (several at 1.0 is common) go to the lower final training loss.
+    assert run.validation is not None
+    accuracy = run.validation.accuracy if run.validation.accuracy is not None else -1.0
+    return accuracy, -(run.final_loss if run.final_loss is not None else math.inf)
+
+
+def sweep_lr(
+    lrs: list[float],
+    build: Callable[[], nn.Module],
+    train: Callable[[nn.Module, float, Callable[[nn.Module], float]], dict[str, Any]],
+    make_batch: MakeBatch,
+    eval_batches: int,
+    batch_size: int,
+    device: str | torch.device,
+    seed: int,
+    log: Callable[[str], None] | None = print,
+) -> LrSweep:
+    """Train one model per learning rate, pick one on validation batches, score it on evaluation batches.
+
+    ``build()`` makes the model, after ``torch.manual_seed(seed)`` each time,
+    so runs differ only in their learning rate. ``train(model, lr, eval_fn)``
+    trains it (a :func:`train_task` call with everything else fixed, the
+    training stream being ``seed``'s) and passes ``eval_fn`` on. The choice is
+    made on ``eval_batches`` batches of ``make_batch`` from the validation
+    stream of ``seed``; only the chosen model is then scored on as many
+    batches from the evaluation stream (:func:`mmrec.evals.synthetic.stream_seed`:
+    the three streams never share a generator seed). A learning rate whose
+    loss became NaN counts as diverged and is never chosen.
+    """
+    if not lrs or len(set(lrs)) != len(lrs):
+        raise ValueError(f"lrs must be distinct learning rates, at least one, got {lrs}")
+    for lr in lrs:
+        if not (lr > 0 and math.isfinite(lr)):
+            raise ValueError(f"every learning rate must be a finite number > 0, got {lr!r}")
+    validation_seed, evaluation_seed = stream_seed(seed, "validation"), stream_seed(seed, "evaluation")
+    runs: list[SweepRun] = []
+    best: tuple[SweepRun, nn.Module] | None = None
+    for lr in lrs:
+        torch.manual_seed(seed)
+        model = build()
+        validated: list[TaskEval] = []
+
+        def validate(m: nn.Module, into: list[TaskEval] = validated) -> float:
+            ev = evaluate_task(m, make_batch, eval_batches, batch_size, device, seed=validation_seed)
+            into.append(ev)
+            return math.nan if ev.accuracy is None else ev.accuracy
+
+        try:
+            trained = train(model, lr, validate)
+        except FloatingPointError as e:
+            runs.append(SweepRun(lr, None, None, None, f"diverged: {e}"))
+            if log is not None:
+                log(f"lr {lr:g}: diverged ({e})")
+            continue
+        if not validated:  # a `train` that did not call eval_fn
+            validate(model)
+        tail = trained["history"][-10:]
+        run = SweepRun(lr, validated[-1], sum(tail) / len(tail), trained)
+        runs.append(run)
+        if log is not None:
+            log(f"lr {lr:g}: validation accuracy {validated[-1].accuracy}, final training loss {run.final_loss:.4f}")
+        if best is None or _rank(run) > _rank(best[0]):
+            best = (run, model)
+    if best is None:
+        return LrSweep(runs, None, None, None)
+    chosen, model = best
+    evaluation = evaluate_task(model, make_batch, eval_batches, batch_size, device, seed=evaluation_seed)
+    return LrSweep(runs, chosen, evaluation, model)
