@@ -65,12 +65,22 @@ def test_greedy_text_is_the_models_own(run_dir: Path, tmp_path: Path) -> None:
             model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=8, temperature=0, stream=True
         )
         chat_text = "".join(c.choices[0].delta.content or "" for c in chat_streamed if c.choices)
+        in_session = client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=8,
+            temperature=0,
+            extra_body={"session": "chat"},
+        )
         health = httpx.get(server.url + "/health").json()
     assert r.choices[0].text == expected and len(expected) == 24
     assert r.choices[0].finish_reason == "length"
     assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(TURNS[0]), 24)
     assert "".join(chunks) == expected and len(chunks) > 1  # streamed piece by piece, the same text
     assert chat.choices[0].message.content == chat_text and len(chat_text) == 8
+    # The session holds the rendered template of the messages sent, then the reply.
+    assert in_session.model_extra["session"]["tokens_consumed"] == len("User: hi\nAssistant:") + 8
+    assert in_session.usage.prompt_tokens == len("User: hi\nAssistant:")
     assert health["status"] == "ok" and health["running"] == 0
 
 

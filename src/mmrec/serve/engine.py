@@ -252,7 +252,7 @@ class Engine:
                 self.stats.cancelled += 1
                 continue
             piece = job.prompt_ids[job.fed : job.fed + budget]
-            ids = torch.tensor([piece], dtype=torch.long, device=self._device())
+            ids = torch.tensor([piece], dtype=torch.long, device=self.device())
             try:
                 # Logits of the last position only: a long prompt would otherwise build [T, vocab] of them.
                 hidden, job.state = self.model.hidden_states(ids, job.state)
@@ -324,7 +324,7 @@ class Engine:
             if len(feed) < len(batch.rows):
                 batch.rows = [batch.rows[i] for i in feed]
                 batch.state = batching.select(batch.state, feed)
-            ids = torch.tensor([[tokens[i]] for i in feed], dtype=torch.long, device=self._device())
+            ids = torch.tensor([[tokens[i]] for i in feed], dtype=torch.long, device=self.device())
         self.stats.batch_sizes[len(feed)] += 1
         out = self.model(ids, state=batch.state)
         batch.state, batch.logits = out.state, out.logits[:, -1].float()
@@ -345,5 +345,5 @@ class Engine:
             batch.state = batching.select(batch.state, keep)
             batch.logits = batch.logits[keep]
 
-    def _device(self) -> torch.device:
+    def device(self) -> torch.device:
         return next(self.model.parameters()).device

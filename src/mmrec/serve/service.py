@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -40,11 +40,14 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
     if declared.isdigit() and int(declared) > limit:
         raise too_big
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_big
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_big
+            chunks.append(chunk)
+    except ClientDisconnect as e:
+        raise APIError(400, "the client went away before sending the whole body", code="incomplete_body") from e
     try:
         body = json.loads(b"".join(chunks), parse_constant=_no_constants)
     except (ValueError, RecursionError) as e:
@@ -311,7 +314,7 @@ class Service:
         if record is None:
             return None, 0
         try:
-            state = await asyncio.to_thread(self.store.load_state, record, self.engine._device())
+            state = await asyncio.to_thread(self.store.load_state, record, self.engine.device())
         except SessionConflict as e:
             raise APIError(409, str(e), param="session", code="session_conflict") from e
         return state, record.position
