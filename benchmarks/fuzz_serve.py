@@ -43,9 +43,15 @@ MODEL = "fuzz"
 # The server under test ---------------------------------------------------------------------------------
 
 
-def write_checkpoint(out: Path, arch: str = "mmrec", tiny: bool = False, max_seq_len: int = 4096) -> Path:
+def write_checkpoint(
+    out: Path, arch: str = "mmrec", tiny: bool = False, max_seq_len: int = 4096, ascii_only: bool = False
+) -> Path:
     """A random-init checkpoint with the byte tokenizer: the default 5.2M MM-Rec (``tiny``: a few thousand
-    parameters), or the parameter-matched LLaMA-style Transformer (``arch="llama"``)."""
+    parameters), or the parameter-matched LLaMA-style Transformer (``arch="llama"``).
+
+    ``ascii_only``: the (tied) embedding rows of every token but printable ASCII and newline are zero, so
+    their logits are 0 while the largest printable one is positive: greedy text is one ASCII character per
+    token (one streamed chunk each) and never the end-of-text token. It changes no amount of work."""
     import torch
 
     from mmrec.config import MMRecConfig
@@ -62,6 +68,11 @@ def write_checkpoint(out: Path, arch: str = "mmrec", tiny: bool = False, max_seq
         model = build_model(
             matched_transformer_config(model.num_parameters(), preset=arch, max_seq_len=max_seq_len, **shape)
         )
+    if ascii_only:
+        keep = torch.zeros(model.config.vocab_size, dtype=torch.bool)
+        keep[[10, *range(32, 127)]] = True
+        with torch.no_grad():
+            model.embed.weight[~keep] = 0
     save_checkpoint(out, model, ByteTokenizer(), kind="train", step=0, trained_seq_len=config.chunk_size)
     return out
 
@@ -543,11 +554,23 @@ class Tally:
         return "\n".join(lines)
 
 
-def fire(port: int, cases: list[Case], workers: int, timeout: float) -> Tally:
-    tally = Tally()
+def fire(port: int, cases: list[Case], workers: int, timeout: float, tally: Tally | None = None) -> Tally:
+    tally = tally or Tally()
     with ThreadPoolExecutor(workers) as pool:
         for case, response in zip(cases, pool.map(lambda c: send(port, c.raw, timeout), cases), strict=True):
             tally.add(case, response)
+    return tally
+
+
+def fire_sliced(
+    server: Any, cases: list[Case], workers: int, timeout: float, rss: list[int], slice_size: int = 250
+) -> Tally:
+    """``fire`` in slices, noting the server's RSS after each (a leak grows; a high-water mark levels off)."""
+    tally = Tally()
+    for i in range(0, len(cases), slice_size):
+        fire(server.port, cases[i : i + slice_size], workers, timeout, tally)
+        if server.alive():
+            rss.append(server.rss_bytes())
     return tally
 
 
@@ -564,19 +587,25 @@ def greedy(port: int, prompt: str, session: str | None = None, max_tokens: int =
 def run(
     server: ServerProcess, requests: int, seed: int, workers: int, timeout: float = 60.0, warmup: int | None = None
 ) -> dict[str, Any]:
-    """Warm up, fuzz, then check the server: the numbers and checks of one run as a dict."""
+    """Warm up, fuzz, then check the server: the numbers and checks of one run as a dict.
+
+    The warm-up (``warmup`` requests of another seed of the same generator, as many as the run by default)
+    brings the server to its high-water mark of memory: ``mmrec serve`` keeps freed memory in its heap
+    (mmrec.utils.cpu.tune_glibc_malloc), so RSS reaches its peak and stays; only a leak grows beyond it."""
     port = server.port
     reference = greedy(port, "The quick brown fox ")["choices"][0]["text"]
     warm = Generator(seed + 1_000_003)
-    fire(
-        port, [warm.next() for _ in range(warmup if warmup is not None else max(100, requests // 5))], workers, timeout
+    rss_warmup: list[int] = []
+    fire_sliced(
+        server, [warm.next() for _ in range(requests if warmup is None else warmup)], workers, timeout, rss_warmup
     )
     time.sleep(1.0)
     rss_before = server.rss_bytes()
     gen = Generator(seed)
     cases = [gen.next() for _ in range(requests)]
     start = time.monotonic()
-    tally = fire(port, cases, workers, timeout)
+    rss_run: list[int] = []
+    tally = fire_sliced(server, cases, workers, timeout, rss_run)
     seconds = time.monotonic() - start
     alive = server.alive()
     after: dict[str, Any] = {"alive": alive}
@@ -605,6 +634,8 @@ def run(
         "not_openai_4xx": dict(tally.not_openai),
         "rss_before": rss_before,
         "rss_ratio": rss_ratio,
+        "rss_warmup_slices": rss_warmup,
+        "rss_run_slices": rss_run,
         **after,
         "table": tally.table(),
     }
@@ -657,6 +688,9 @@ def main() -> int:
     print(f"\n4xx without an OpenAI error body (from the HTTP layer): {result['not_openai_4xx'] or 'none'}")
     print(f"server alive: {result['alive']}; /health: {result.get('health')}; same greedy text as before: "
           f"{result.get('same_text')}; session continues: {result.get('session_ok')}")  # fmt: skip
+    mib = lambda values: ", ".join(f"{v / 2**20:.0f}" for v in values)  # noqa: E731
+    warm, run_ = mib(result["rss_warmup_slices"]), mib(result["rss_run_slices"])
+    print(f"RSS (MiB) after each 250 requests: warm-up {warm}; run {run_}")
     print(f"RSS before {result['rss_before'] / 2**20:.1f} MiB, after {result.get('rss_after', 0) / 2**20:.1f} MiB "
           f"(ratio {result['rss_ratio']:.3f}, tolerance {args.rss_tolerance:.0%})")  # fmt: skip
     for failure in result["failures"][:20]:
