@@ -226,6 +226,7 @@ def test_bad_requests_get_openai_errors(run_dir: Path, tmp_path: Path) -> None:
         # Without Content-Length (chunked): the real body is counted.
         chunked = httpx.post(url, content=iter([b'{"model": "run", "prompt": "', b"y" * 5000, b'"}']))
         unknown_model = _post(url, {**ok, "model": "gpt-4"})
+        surrogate_model = _post(url, {**ok, "model": "\ud800"})  # echoed in the message, which must stay UTF-8
         with pytest.raises(openai.NotFoundError):
             server.client().completions.create(model="gpt-4", prompt="hi", max_tokens=2)
         unknown_route = httpx.get(server.url + "/v1/nothing")
@@ -239,6 +240,7 @@ def test_bad_requests_get_openai_errors(run_dir: Path, tmp_path: Path) -> None:
     assert (big.status_code, chunked.status_code) == (413, 413)
     assert big.json()["error"]["code"] == "request_too_large"
     assert (unknown_model.status_code, unknown_model.json()["error"]["code"]) == (404, "model_not_found")
+    assert surrogate_model.status_code == 404
     assert unknown_route.status_code == 404 and "error" in unknown_route.json()
     assert still.status_code == 200  # and the server still answers
 

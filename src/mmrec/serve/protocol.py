@@ -46,6 +46,9 @@ class APIError(Exception):
         code: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
+        # What a client sent may come back in the message: lone surrogates have no UTF-8 form, so they go.
+        message = message.encode("utf-8", errors="replace").decode("utf-8")
+        param = None if param is None else param.encode("utf-8", errors="replace").decode("utf-8")
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers or {}
