@@ -7,6 +7,7 @@ printable ASCII and depends on everything before it, so equal texts mean equal h
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -226,7 +227,8 @@ def test_bad_requests_get_openai_errors(run_dir: Path, tmp_path: Path) -> None:
         # Without Content-Length (chunked): the real body is counted.
         chunked = httpx.post(url, content=iter([b'{"model": "run", "prompt": "', b"y" * 5000, b'"}']))
         unknown_model = _post(url, {**ok, "model": "gpt-4"})
-        surrogate_model = _post(url, {**ok, "model": "\ud800"})  # echoed in the message, which must stay UTF-8
+        # An unknown model named by a lone surrogate: echoed in the message, which must stay UTF-8.
+        surrogate_model = _post(url, content=json.dumps({**ok, "model": "\ud800"}).encode())
         with pytest.raises(openai.NotFoundError):
             server.client().completions.create(model="gpt-4", prompt="hi", max_tokens=2)
         unknown_route = httpx.get(server.url + "/v1/nothing")
