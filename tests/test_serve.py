@@ -336,3 +336,15 @@ def test_serve_command_checks_its_options() -> None:
 
     assert main(["serve", "--checkpoint", "x", "--max-batch", "0"]) == 2
     assert main(["serve", "--checkpoint", "x", "--port", "70000"]) == 2
+
+
+def test_api_keys_come_from_the_flag_or_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mmrec.serve.app import api_keys_from_env
+
+    monkeypatch.setenv("MMREC_API_KEY", "one, two,,")
+    assert api_keys_from_env([]) == ["one", "two"]
+    assert api_keys_from_env(["flag"]) == ["flag"]
+    monkeypatch.delenv("MMREC_API_KEY")
+    assert api_keys_from_env([]) == []
+    with pytest.raises(ValueError, match="max_batch must be an integer >= 1"):
+        Limits(max_batch=0)

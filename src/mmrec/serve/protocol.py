@@ -32,6 +32,11 @@ class Limits:
     max_queue: int = 64  # requests waiting for a slot; 429 beyond
     prefill_chunk: int = 2048  # prompt tokens fed per engine step, so long prompts do not stall decoding
 
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"Limits.{name} must be an integer >= 1, got {value!r}")
+
 
 class APIError(Exception):
     """An error answered with an OpenAI-style body."""
