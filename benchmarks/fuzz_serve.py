@@ -80,7 +80,15 @@ def write_checkpoint(
 class ServerProcess:
     """``python -m mmrec serve`` on a free port of 127.0.0.1, its log in a file; ``with`` stops it."""
 
-    def __init__(self, checkpoint: Path, sessions: Path, log: Path, *extra: str, api_key: str | None = KEY) -> None:
+    def __init__(
+        self,
+        checkpoint: Path,
+        sessions: Path,
+        log: Path,
+        *extra: str,
+        api_key: str | None = KEY,
+        env: dict[str, str] | None = None,
+    ) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = int(s.getsockname()[1])
@@ -90,8 +98,8 @@ class ServerProcess:
         cmd += [*(["--api-key", api_key] if api_key else []), *extra]
         self.log = log
         self._log_file = open(log, "ab")  # noqa: SIM115 (closed in stop)
-        env = {**os.environ, "MMREC_API_KEY": ""}
-        self.proc = subprocess.Popen(cmd, stdout=self._log_file, stderr=subprocess.STDOUT, env=env)
+        full_env = {**os.environ, "MMREC_API_KEY": "", **(env or {})}
+        self.proc = subprocess.Popen(cmd, stdout=self._log_file, stderr=subprocess.STDOUT, env=full_env)
         deadline = time.monotonic() + 120
         while request(self.port, "GET", "/health", timeout=2).status != 200:
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -670,6 +678,13 @@ def main() -> int:
     p.add_argument("--tiny", action="store_true", help="a tiny MM-Rec instead of the default 5.2M one")
     p.add_argument("--checkpoint", default=None, help="serve this checkpoint instead of a random-init one")
     p.add_argument("--rss-tolerance", type=float, default=0.10)
+    p.add_argument(
+        "--malloc-tuning",
+        choices=["on", "off"],
+        default="on",
+        help="on: the server keeps freed memory in its heap, as mmrec serve does by default (its RSS is its "
+        "high-water mark); off: MMREC_MALLOC_TUNING=0, glibc returns freed memory",
+    )
     p.add_argument("--json", default=None, help="write the raw numbers and every failure here")
     p.add_argument("--log", default=None, help="the server's log (default: a temporary file, printed on failure)")
     args = p.parse_args()
@@ -678,12 +693,14 @@ def main() -> int:
         root = Path(tmp)
         checkpoint = Path(args.checkpoint) if args.checkpoint else write_checkpoint(root / MODEL, tiny=args.tiny)
         log = Path(args.log) if args.log else root / "server.log"
-        with ServerProcess(checkpoint, root / "sessions", log) as server:
+        env = {"MMREC_MALLOC_TUNING": "1" if args.malloc_tuning == "on" else "0"}
+        with ServerProcess(checkpoint, root / "sessions", log, env=env) as server:
             result = run(server, args.requests, args.seed, args.workers)
         server_log = log.read_text(errors="replace")
     problems = verdict(result, args.requests, args.rss_tolerance)
     print(f"Fuzz of mmrec serve: {result['requests']} requests (seed {args.seed}, {args.workers} at once) in "
-          f"{result['seconds']:.1f} s; checkpoint {'tiny' if args.tiny else 'default'} MM-Rec\n")  # fmt: skip
+          f"{result['seconds']:.1f} s; checkpoint {'tiny' if args.tiny else 'default'} MM-Rec; malloc tuning "
+          f"{args.malloc_tuning}\n")  # fmt: skip
     print(result["table"])
     print(f"\n4xx without an OpenAI error body (from the HTTP layer): {result['not_openai_4xx'] or 'none'}")
     print(f"server alive: {result['alive']}; /health: {result.get('health')}; same greedy text as before: "
