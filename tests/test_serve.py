@@ -25,7 +25,7 @@ httpx = pytest.importorskip("httpx")
 import mmrec  # noqa: E402
 from mmrec.config import TransformerConfig  # noqa: E402
 from mmrec.serve import batching  # noqa: E402
-from mmrec.serve.app import create_app  # noqa: E402
+from mmrec.serve.app import STATIC, create_app  # noqa: E402
 from mmrec.serve.protocol import Limits  # noqa: E402
 from serve_support import LiveServer, free_port, lively_checkpoint  # noqa: E402
 
@@ -62,10 +62,18 @@ def test_greedy_text_is_the_models_own(run_dir: Path, tmp_path: Path) -> None:
         chat = client.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=8, temperature=0
         )
-        chat_streamed = client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=8, temperature=0, stream=True
+        chat_streamed = list(
+            client.chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": "hi"}],
+                max_tokens=8,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
         )
         chat_text = "".join(c.choices[0].delta.content or "" for c in chat_streamed if c.choices)
+        page = httpx.get(server.url + "/")
         in_session = client.chat.completions.create(
             model=MODEL,
             messages=[{"role": "user", "content": "hi"}],
@@ -79,6 +87,10 @@ def test_greedy_text_is_the_models_own(run_dir: Path, tmp_path: Path) -> None:
     assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(TURNS[0]), 24)
     assert "".join(chunks) == expected and len(chunks) > 1  # streamed piece by piece, the same text
     assert chat.choices[0].message.content == chat_text and len(chat_text) == 8
+    assert chat_streamed[-1].usage.completion_tokens == 8 and chat_streamed[-1].choices == []
+    # The playground page is served when installed (another change adds it), else a 404 body like any other.
+    installed = (STATIC / "index.html").is_file()
+    assert page.status_code == (200 if installed else 404)
     # The session holds the rendered template of the messages sent, then the reply.
     assert in_session.model_extra["session"]["tokens_consumed"] == len("User: hi\nAssistant:") + 8
     assert in_session.usage.prompt_tokens == len("User: hi\nAssistant:")
