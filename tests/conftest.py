@@ -62,6 +62,7 @@ def tiny_train_config(corpus, root, **overrides):  # noqa: ANN001, ANN201
         batch_size=4,
         eval_tokens=512,
         sample_tokens=0,
+        track_stages=False,  # the stage tracker's probes and plots cost seconds; its tests turn it on
         log_every=1,
         max_steps=2,
         eval_every=2,
