@@ -131,3 +131,75 @@ def test_text_is_sent_in_whole_characters_and_cut_before_a_stop_string() -> None
     assert _text(Job([1], 10, print, stop=["xyz"]), [b"ax", b"y", b"q", b"!"]) == (["a", "xyq", "!"], None)
     # max_tokens sends what was held back.
     assert _text(Job([1], 2, print, stop=["xyz"]), [b"ax", b"y"]) == (["a", "xy"], "length")
+
+
+def _run_engine(model, jobs: list[dict]) -> list[list]:  # noqa: ANN001
+    """Run ``jobs`` (Job keyword arguments) through one Engine together; the events of each."""
+    import threading
+
+    from mmrec.serve.engine import Engine, Failed, Finished
+    from mmrec.tokenizer import ByteTokenizer
+
+    engine = Engine(model, ByteTokenizer(), max_batch=len(jobs))
+    events: list[list] = [[] for _ in jobs]
+    done = threading.Semaphore(0)
+
+    def sink(i: int):  # noqa: ANN202
+        def put(event) -> None:  # noqa: ANN001
+            events[i].append(event)
+            if isinstance(event, Finished | Failed):
+                done.release()
+
+        return put
+
+    for i, kw in enumerate(jobs):
+        engine.submit(Job(sink=sink(i), **kw))
+    engine.start()
+    try:
+        for _ in jobs:
+            assert done.acquire(timeout=60)
+    finally:
+        engine.stop()
+    return events
+
+
+def _reply(events: list) -> str:
+    return "".join(e.text for e in events if isinstance(e, TextChunk))
+
+
+def test_a_tiny_temperature_samples_the_greedy_token(model) -> None:  # noqa: ANN001
+    prompt = list(b"Hello there")
+    runs = _run_engine(
+        model,
+        [
+            dict(prompt_ids=prompt, max_tokens=12, temperature=0),
+            dict(prompt_ids=prompt, max_tokens=12, temperature=1e-300, seed=1),
+            dict(prompt_ids=prompt, max_tokens=12, temperature=5e-324, top_p=0.5, seed=2),
+            dict(prompt_ids=prompt, max_tokens=12, temperature=1e-30, seed=3),  # sampled: a one-hot distribution
+        ],
+    )
+    assert [type(r[-1]).__name__ for r in runs] == ["Finished"] * 4
+    assert _reply(runs[1]) == _reply(runs[2]) == _reply(runs[3]) == _reply(runs[0])
+
+
+def test_a_row_whose_sampling_fails_fails_alone(model, monkeypatch) -> None:  # noqa: ANN001
+    import mmrec.serve.engine as engine_module
+
+    real = engine_module.sample_next
+
+    def fragile(logits, temperature, *args):  # noqa: ANN001, ANN002, ANN202
+        if temperature == 0.5:
+            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return real(logits, temperature, *args)
+
+    monkeypatch.setattr(engine_module, "sample_next", fragile)
+    prompt = list(b"Hello there")
+    runs = _run_engine(
+        model,
+        [
+            dict(prompt_ids=prompt, max_tokens=30, temperature=0),
+            dict(prompt_ids=prompt, max_tokens=30, temperature=0.5),
+        ],
+    )
+    assert type(runs[0][-1]).__name__ == "Finished" and runs[0][-1].completion_tokens == 30
+    assert type(runs[1][-1]).__name__ == "Failed" and "sampling failed" in runs[1][-1].message

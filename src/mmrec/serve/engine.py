@@ -27,6 +27,7 @@ from mmrec.models.generation import sample_next
 from mmrec.serve import batching
 
 log = logging.getLogger("mmrec.serve")
+_FLOAT32_TINY = float(torch.finfo(torch.float32).tiny)
 
 
 class QueueFull(RuntimeError):
@@ -283,15 +284,25 @@ class Engine:
                 return
         self._batches.append(Batch(rows=[job], state=state, logits=logits))
 
-    def _sample(self, batch: Batch) -> list[int]:
+    def _sample(self, batch: Batch) -> list[int | str]:
+        """One token per row, or for a row whose sampling failed, why (that row alone is failed)."""
         greedy = batch.logits.argmax(dim=-1).tolist()
-        tokens = []
+        tokens: list[int | str] = []
         for i, row in enumerate(batch.rows):
-            if row.temperature == 0:
+            # Sampling divides float32 logits by the temperature: one below float32's smallest normal number
+            # (1e-300) would be 0 there, so it is the limit it stands for, greedy.
+            if row.temperature < _FLOAT32_TINY:
                 tokens.append(int(greedy[i]))
-            else:
-                picked = sample_next(batch.logits[i : i + 1], row.temperature, row.top_k, row.top_p, row.generator)
+                continue
+            logits = batch.logits[i : i + 1]  # [1, V]
+            # Shifted so that the largest logit is 0: divided by a tiny temperature the logits become 0 and
+            # -inf, a one-hot distribution, where unshifted ones overflow to inf and softmax gives NaN.
+            shifted = logits - logits.max(dim=-1, keepdim=True).values
+            try:
+                picked = sample_next(shifted, row.temperature, row.top_k, row.top_p, row.generator)
                 tokens.append(int(picked[0]))
+            except RuntimeError as e:  # e.g. NaN logits: this row's request fails, the others go on
+                tokens.append(f"sampling failed: {e}")
         return tokens
 
     def _piece(self, token: int) -> bytes:
@@ -306,6 +317,10 @@ class Engine:
         for i, (row, token) in enumerate(zip(batch.rows, tokens, strict=True)):
             if row.cancelled.is_set():
                 self.stats.cancelled += 1
+                continue
+            if isinstance(token, str):
+                log.error("request failed: %s", token)
+                row.sink(Failed(500, token))
                 continue
             reason = row.take(token, self._piece(token), self.eos)
             self.stats.tokens += 1
