@@ -167,7 +167,7 @@ def _reply(events: list) -> str:
     return "".join(e.text for e in events if isinstance(e, TextChunk))
 
 
-def test_a_tiny_temperature_samples_the_greedy_token(model) -> None:  # noqa: ANN001
+def test_a_tiny_temperature_or_top_p_samples_the_greedy_token(model) -> None:  # noqa: ANN001
     prompt = list(b"Hello there")
     runs = _run_engine(
         model,
@@ -176,10 +176,11 @@ def test_a_tiny_temperature_samples_the_greedy_token(model) -> None:  # noqa: AN
             dict(prompt_ids=prompt, max_tokens=12, temperature=1e-300, seed=1),
             dict(prompt_ids=prompt, max_tokens=12, temperature=5e-324, top_p=0.5, seed=2),
             dict(prompt_ids=prompt, max_tokens=12, temperature=1e-30, seed=3),  # sampled: a one-hot distribution
+            dict(prompt_ids=prompt, max_tokens=12, temperature=0.7, top_p=1e-300, seed=4),  # top-1 of a nucleus
         ],
     )
-    assert [type(r[-1]).__name__ for r in runs] == ["Finished"] * 4
-    assert _reply(runs[1]) == _reply(runs[2]) == _reply(runs[3]) == _reply(runs[0])
+    assert [type(r[-1]).__name__ for r in runs] == ["Finished"] * 5
+    assert _reply(runs[1]) == _reply(runs[2]) == _reply(runs[3]) == _reply(runs[4]) == _reply(runs[0])
 
 
 def test_a_row_whose_sampling_fails_fails_alone(model, monkeypatch) -> None:  # noqa: ANN001

@@ -289,9 +289,10 @@ class Engine:
         greedy = batch.logits.argmax(dim=-1).tolist()
         tokens: list[int | str] = []
         for i, row in enumerate(batch.rows):
-            # Sampling divides float32 logits by the temperature: one below float32's smallest normal number
-            # (1e-300) would be 0 there, so it is the limit it stands for, greedy.
-            if row.temperature < _FLOAT32_TINY:
+            # Sampling divides float32 logits by the temperature and compares float32 probabilities with top_p:
+            # a value below float32's smallest normal number (1e-300) would be 0 there (NaN, or every token
+            # dropped), so it is the limit it stands for: greedy.
+            if row.temperature < _FLOAT32_TINY or (row.top_p is not None and row.top_p < _FLOAT32_TINY):
                 tokens.append(int(greedy[i]))
                 continue
             logits = batch.logits[i : i + 1]  # [1, V]
