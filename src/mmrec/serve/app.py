@@ -81,6 +81,7 @@ def create_app(
             yield
         finally:
             service.engine.stop()
+            service.close()
             store.close()
 
     app = FastAPI(title="mmrec serve", version=str(loaded.meta.get("mmrec_version", "")), lifespan=lifespan)

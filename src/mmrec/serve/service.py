@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import json
 import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,10 +135,20 @@ class Service:
         self.api_keys = tuple(k.encode("utf-8") for k in api_keys)
         self.info = info
         self.engine = Engine(model, tokenizer, limits.max_batch, limits.max_queue, limits.prefill_chunk)
+        # Session reads and writes run on two threads of their own: asyncio's default pool grows to
+        # cpu_count + 4 threads, each of which can hold a malloc arena of its own (memory that stays).
+        self._io_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mmrec-serve-io")
         self.locks = SessionLocks()
         self.created = int(time.time())
         pos_embed = getattr(model, "pos_embed", None)
         self.max_positions: int | None = None if pos_embed is None else int(pos_embed.num_embeddings)
+
+    def io(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        """``fn(*args)`` on the session I/O threads."""
+        return asyncio.get_running_loop().run_in_executor(self._io_pool, functools.partial(fn, *args))
+
+    def close(self) -> None:
+        self._io_pool.shutdown(wait=True)
 
     # Checks ----------------------------------------------------------------------------------------
 
@@ -189,12 +201,12 @@ class Service:
         return {"status": "ok", "model": self.model_id, **self.engine.load(), "engine": self.engine.stats.as_dict()}
 
     async def list_sessions(self, owner: str) -> dict[str, Any]:
-        records = await asyncio.to_thread(self.store.list, owner)
+        records = await self.io(self.store.list, owner)
         return {"object": "list", "data": [r.public(self.fingerprint) for r in records]}
 
     async def get_session(self, owner: str, sid: str) -> dict[str, Any]:
         sid = self.session_id(sid)
-        record = await asyncio.to_thread(self.store.get, owner, sid)
+        record = await self.io(self.store.get, owner, sid)
         if record is None:
             raise self._no_session(sid)
         return record.public(self.fingerprint)
@@ -203,7 +215,7 @@ class Service:
         sid = self.session_id(sid)
         release = await self.locks.acquire((owner, sid))
         try:
-            if not await asyncio.to_thread(self.store.delete, owner, sid):
+            if not await self.io(self.store.delete, owner, sid):
                 raise self._no_session(sid)
         finally:
             release()
@@ -310,17 +322,17 @@ class Service:
     async def _session_state(self, owner: str, sid: str | None) -> tuple[Any, int]:
         if sid is None:
             return None, 0
-        record = await asyncio.to_thread(self.store.get, owner, sid)
+        record = await self.io(self.store.get, owner, sid)
         if record is None:
             return None, 0
         try:
-            state = await asyncio.to_thread(self.store.load_state, record, self.engine.device())
+            state = await self.io(self.store.load_state, record, self.engine.device())
         except SessionConflict as e:
             raise APIError(409, str(e), param="session", code="session_conflict") from e
         return state, record.position
 
     async def _save(self, turn: Turn, sid: str, state: Any) -> SessionRecord:
-        task = asyncio.ensure_future(asyncio.to_thread(self.store.save, turn.owner, sid, state))
+        task = self.io(self.store.save, turn.owner, sid, state)
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
