@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from conftest import rel_err
 from mmrec.ops import delta_chunked, delta_naive, delta_step, gla_naive
+from mmrec.ops.delta import _unit_lower_inverse
 
 # (low, high) of log decay per step: exp(-20) ~ 2e-9 (strong), 1 - 1e-6 (weak), and a mix.
 DECAYS = {"strong": (-20.0, -20.0), "weak": (-1e-6, -1e-6), "mixed": (-20.0, -1e-7)}
@@ -55,6 +56,18 @@ def test_chunked_matches_naive_with_gradients(T, decay, beta):
         for name, a, b in zip(NAMES, inputs, ref, strict=True):
             assert torch.isfinite(a.grad).all(), f"grad of {name} in {dtype}"
             assert rel_err(a.grad, b.grad) <= tol, f"grad of {name} in {dtype}"
+
+
+@pytest.mark.parametrize("C", [1, 2, 3, 7, 16, 33, 64])
+def test_unit_lower_inverse_matches_a_triangular_solve(C):
+    """The inverse of the chunked form (block doubling) against LAPACK's solve, on delta-rule systems."""
+    k = F.normalize(torch.randn(3, 2, C, 8, dtype=torch.float64), dim=-1)
+    beta = torch.rand(3, 2, C, 1, dtype=torch.float64)
+    M = (beta * (k @ k.transpose(-1, -2))).tril(-1) + torch.eye(C, dtype=torch.float64)
+    eye = torch.eye(C, dtype=torch.float64).expand_as(M)
+    want = torch.linalg.solve_triangular(M, eye, upper=False, unitriangular=True)
+    assert rel_err(_unit_lower_inverse(M), want) < 1e-13
+    assert rel_err(_unit_lower_inverse(M.float()), want) < 1e-6
 
 
 def test_chunked_matches_naive_for_unnormalised_keys_and_no_initial_state():
