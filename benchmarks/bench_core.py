@@ -2,11 +2,14 @@
 
     python benchmarks/bench_core.py                       # CPU, the issue's grid
     python benchmarks/bench_core.py --device cuda --dtype bf16 --lengths 2048 8192 32768 65536
+    python benchmarks/bench_core.py --lengths --threads 1 --decode-steps 200   # the decoding table only
 
 Training: forward + backward + AdamW step on random byte ids, ``--tokens``
 tokens per step (batch = tokens // T, at least 1), median over ``--steps``
-timed steps after one warm-up. Decoding: median latency of one token after a
-context of each ``--contexts`` length. Prints markdown tables with the ratio
+timed steps after one warm-up (``--lengths`` with no value skips it). Decoding:
+median latency of one step after a context of each ``--contexts`` length, for
+each ``--decode-batches`` count of streams decoded together (one token each per
+step; tokens/s is the aggregate). Prints markdown tables with the ratio
 MM-Rec / Transformer; nothing here is asserted (machines are shared and noisy).
 """
 
@@ -25,11 +28,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: fp32 on CPU, bf16 on CUDA")
-    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384, 32768])
+    p.add_argument("--lengths", type=int, nargs="*", default=[1024, 4096, 16384, 32768], help="none: no training table")
     p.add_argument("--tokens", type=int, default=16384, help="tokens per training step")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--contexts", type=int, nargs="+", default=[1024, 32768])
     p.add_argument("--decode-steps", type=int, default=20)
+    p.add_argument("--decode-batches", type=int, nargs="+", default=[1, 16], help="streams decoded together")
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--n-layers", type=int, default=4)
     p.add_argument("--threads", type=int, default=None)
@@ -70,6 +74,34 @@ def main() -> None:
         f"(d_ff {tcfg.d_ff})\n"
     )
 
+    if args.lengths:
+        train_table(args, models, device, dtype)
+
+    print(
+        f"\nDecoding one token per stream after a context (ms per step, median of {args.decode_steps}; "
+        "aggregate tokens/s; state bytes of all streams)\n"
+    )
+    print(
+        "| context | streams | MM-Rec ms | MM-Rec tok/s | Transformer ms | Transformer tok/s "
+        "| MM-Rec state | KV cache |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for ctx in args.contexts:
+        for batch in args.decode_batches:
+            # Decoding always runs eagerly: compiled graphs would recompile for every cache length.
+            mm_dec = decode_latency(mm, ctx, args.decode_steps, device, dtype, batch=batch)
+            tf_dec = decode_latency(tf, ctx, args.decode_steps, device, dtype, batch=batch)
+            print(
+                f"| {ctx:,} | {batch} | {mm_dec['ms_per_token']:.2f} | {mm_dec['tokens_per_s']:,.0f} | "
+                f"{tf_dec['ms_per_token']:.2f} | {tf_dec['tokens_per_s']:,.0f} | "
+                f"{mm_dec['state_bytes'] / 2**20:.2f} MiB | {tf_dec['state_bytes'] / 2**20:.1f} MiB |",
+                flush=True,
+            )
+
+
+def train_table(
+    args: argparse.Namespace, models: dict[str, torch.nn.Module], device: torch.device, dtype: torch.dtype | None
+) -> None:
     print(f"Training, forward + backward + AdamW, {args.tokens:,} tokens per step (tokens/s, median of {args.steps})\n")
     print("| T | batch | MM-Rec tok/s | Transformer tok/s | ratio | MM-Rec GiB | Transformer GiB |")
     print("|---|---|---|---|---|---|---|")
@@ -83,20 +115,6 @@ def main() -> None:
         print(
             f"| {T:,} | {max(1, args.tokens // T)} | {mm_tps:,.0f} | {tf_tps:,.0f} | {mm_tps / tf_tps:.2f}x | "
             f"{mm_mem:.2f} | {tf_mem:.2f} |",
-            flush=True,
-        )
-
-    print(f"\nDecoding one token after a context (ms per token, median of {args.decode_steps}; state bytes)\n")
-    print("| context | MM-Rec ms | Transformer ms | MM-Rec state | Transformer KV cache |")
-    print("|---|---|---|---|---|")
-    for ctx in args.contexts:
-        # Decoding always runs eagerly: compiled graphs would recompile for every cache length.
-        mm_dec = decode_latency(mm, ctx, args.decode_steps, device, dtype)
-        tf_dec = decode_latency(tf, ctx, args.decode_steps, device, dtype)
-        mm_ms, mm_bytes = mm_dec["ms_per_token"], mm_dec["state_bytes"]
-        tf_ms, tf_bytes = tf_dec["ms_per_token"], tf_dec["state_bytes"]
-        print(
-            f"| {ctx:,} | {mm_ms:.2f} | {tf_ms:.2f} | {mm_bytes / 2**20:.2f} MiB | {tf_bytes / 2**20:.1f} MiB |",
             flush=True,
         )
 

@@ -78,14 +78,22 @@ def decode_latency(
     dtype: torch.dtype | None = None,
     prefill_window: int = 4096,
     vocab: int = 256,
+    batch: int = 1,
 ) -> dict[str, float]:
-    """Milliseconds per generated token after ``context`` tokens, and the state's bytes there."""
+    """Milliseconds per decoding step after ``context`` tokens, for ``batch`` streams decoded together
+    (one token each per step), the aggregate tokens/s and the state's bytes there.
+
+    One stream is prefilled; a batch holds copies of its state (joined with the state's ``cat``): the
+    cost of a step does not depend on what the streams hold."""
     state = None
     with autocast_for(device, dtype or torch.float32):
         for start in range(0, context, prefill_window):
             n = min(prefill_window, context - start)
             state = model(torch.randint(0, vocab, (1, n), device=device), state=state).state
-        token = torch.randint(0, vocab, (1, 1), device=device)
+        assert state is not None
+        if batch > 1:
+            state = type(state).cat([state] * batch)
+        token = torch.randint(0, vocab, (batch, 1), device=device)
         holder = {"state": state}
 
         def one() -> None:
@@ -93,8 +101,7 @@ def decode_latency(
             holder["state"] = model(token, state=holder["state"]).state
 
         sec = timed(one, steps, device)
-    assert state is not None
-    return {"ms_per_token": sec * 1e3, "state_bytes": float(state.nbytes())}
+    return {"ms_per_token": sec * 1e3, "tokens_per_s": batch / sec, "state_bytes": float(state.nbytes())}
 
 
 def fit_exponent(lengths: list[int], seconds: list[float]) -> float:

@@ -2,9 +2,27 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+@functools.lru_cache(maxsize=64)
+def _scalar(value: float, device: torch.device) -> Tensor:
+    """A kept 0-d tensor (a 0-d tensor takes the dtype of the others in arithmetic)."""
+    return torch.tensor(value, device=device)
+
+
+def rms_norm_step(x: Tensor, weight: Tensor | None, eps: float | None) -> Tensor:
+    """``F.rms_norm(x, (d,), weight, eps)`` over the last axis for the one-token decoding path: the
+    squared norm comes from one fused reduction. On the CPU (torch 2.13) F.rms_norm runs as a chain
+    of seven small kernels: 38 us for one token of d=256 against 24 us here (2-core VM, 1 thread)."""
+    eps = torch.finfo(x.dtype).eps if eps is None else eps  # F.rms_norm's default
+    n = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    y = x * torch.rsqrt(torch.addcmul(_scalar(eps, x.device), n, n, value=1 / x.size(-1)))
+    return y if weight is None else y * weight
 
 
 class SwiGLU(nn.Module):
@@ -52,13 +70,25 @@ class CausalConv(nn.Module):
         T = x.size(1)
         if T == 0:
             return x, tail
+        if T == 1:
+            y, new_tail = self.step(x[:, 0], tail)
+            return y.unsqueeze(1), new_tail
         full = torch.cat([tail.to(x.dtype), x], dim=1)  # [B, K-1+T, D]
         new_tail = full[:, full.size(1) - (self.kernel_size - 1) :].to(tail.dtype)
-        if T == 1:  # decoding: a weighted sum beats a convolution call
-            y = torch.einsum("bkd,dk->bd", full, self.weight[:, 0].to(x.dtype)) + self.bias.to(x.dtype)
-            return y.unsqueeze(1), new_tail
         # A contiguous [B, D, T] input: conv backward on the transposed view took 38 ms instead of 25
         # (B 32, T 512, D 128, 2 threads) and far longer when the cores were oversubscribed.
         xt = full.transpose(1, 2).contiguous()
         y = F.conv1d(xt, self.weight.to(x.dtype), self.bias.to(x.dtype), groups=x.size(-1))
         return y.transpose(1, 2), new_tail
+
+    def step(self, x: Tensor, tail: Tensor) -> tuple[Tensor, Tensor]:
+        """One input per stream (decoding), x [B, D]: a weighted sum beats a convolution call."""
+        dtype = x.dtype
+        full = torch.cat([tail if tail.dtype == dtype else tail.to(dtype), x.unsqueeze(1)], dim=1)  # [B, K, D]
+        weight: Tensor = self.weight
+        bias: Tensor = self.bias
+        if weight.dtype != dtype:
+            weight, bias = weight.to(dtype), bias.to(dtype)
+        y = (full * weight.view(-1, self.kernel_size).t()).sum(1) + bias  # [B, D]
+        new_tail = full[:, 1:]
+        return y, new_tail if new_tail.dtype == tail.dtype else new_tail.to(tail.dtype)

@@ -10,6 +10,7 @@ completed before its own, so it never sees its own chunk or later ones.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -24,11 +25,20 @@ from mmrec.ops import MemoryParams, MemoryState, memory_read, memory_read_step, 
 class MemoryOutput(NamedTuple):
     """What :class:`LongTermMemory` returns: its output and the streams' new state (named as in MMRecState)."""
 
-    y: Tensor  # [B, T, d]
+    y: Tensor  # [B, T, d] ([B, d] from a step)
     memory: Tensor  # [B, n_slots, d_mem]: the slots (level 3)
     summaries: Tensor  # [B, W, d_mem]: the level-1 FIFO, oldest first
     sequence: Tensor  # [B, d_mem]: level 2
     pending: Tensor  # [B, C, d]: inputs of the unfinished chunk, zero beyond it
+
+
+@functools.lru_cache(maxsize=1024)
+def _pending_masks(chunk_size: int, row: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """[C, 1] ones before ``row`` and [C, 1] one at ``row``: a step at that offset keeps the chunk's
+    earlier rows of ``pending``, puts its token in ``row`` and zeros after it. Two small kernels where a
+    masked fill and a scatter took four times as long; kept, since every step needs one; only read."""
+    rows = torch.arange(chunk_size, device=device).unsqueeze(-1)
+    return (rows < row).to(dtype), (rows == row).to(dtype)
 
 
 class LongTermMemory(nn.Module):
@@ -94,7 +104,8 @@ class LongTermMemory(nn.Module):
         if T == 0:
             return MemoryOutput(x.new_zeros(B, 0, d), memory, summaries, sequence, pending)
         if T == 1:
-            return self._step(x, memory, summaries, sequence, pending, position)
+            y, *new = self.step(x[:, 0], memory, summaries, sequence, pending, position)
+            return MemoryOutput(y.unsqueeze(1), *new)
         if not isinstance(position, int):
             raise ValueError(f"streams at different positions {position} can only be fed one token at a time")
         params = self.params()
@@ -124,7 +135,7 @@ class LongTermMemory(nn.Module):
             F.pad(tail, (0, 0, 0, C - tail.size(1))).to(pending.dtype),
         )
 
-    def _step(
+    def step(
         self,
         x: Tensor,
         memory: Tensor,
@@ -133,25 +144,29 @@ class LongTermMemory(nn.Module):
         pending: Tensor,
         position: int | tuple[int, ...],
     ) -> MemoryOutput:
-        """One token (decoding): the same read and write as the chunked path, cheaper."""
-        B = x.size(0)
+        """One token per stream (decoding), x [B, d] -> y [B, d]: the same read and write as the chunked
+        path, in fewer ops. ``position``: one for all streams, or one per stream."""
         C = self.chunk_size
         params = self.params()
         state = MemoryState(memory, summaries, sequence)
         completed = position // C if isinstance(position, int) else tuple(p // C for p in position)
-        o = memory_read_step(x[:, 0], state, params, self.heads, completed=completed)  # [B, d_mem]
-        y = self.out(o.view(B, 1, self.d_mem))
+        o = memory_read_step(x, state, params, self.heads, completed=completed)  # [B, d_mem]
+        y = F.linear(o, self.out.weight)
         if not isinstance(position, int):
-            return MemoryOutput(y, *self._write_rows(x[:, 0], state, pending, position))
+            return MemoryOutput(y, *self._write_rows(x, state, pending, position))
 
         r = position % C
-        # Rebuilt rather than written in place: zero beyond the chunk's tokens, as the chunked path leaves it.
-        pending = F.pad(torch.cat([pending[:, :r], x.to(pending.dtype)], dim=1), (0, 0, 0, C - r - 1))  # [B, C, d]
-        if r + 1 == C:  # this token completes the chunk: write it
-            _, final = memory_write(pending.to(x.dtype).unsqueeze(1), state, params, self.heads, self.scan_block)
-            memory, summaries, sequence = (f.to(t.dtype) for f, t in zip(final, state, strict=True))
-            pending = torch.zeros_like(pending)
-        return MemoryOutput(y, memory, summaries, sequence, pending)
+        # A new tensor: the chunk's earlier rows, the token in its row, zeros after it as the chunked path
+        # leaves them (whatever the rows from r on held before).
+        keep, row = _pending_masks(C, r, pending.device, pending.dtype)
+        pending = torch.addcmul(pending * keep, row, x.unsqueeze(1))  # x * 1 + 0 is x: exact
+        if r + 1 < C:
+            return MemoryOutput(y, memory, summaries, sequence, pending)
+        # This token completes the chunk: write it.
+        chunk = pending.to(x.dtype).unsqueeze(1)  # [B, 1, C, d]
+        _, final = memory_write(chunk, state, params, self.heads, self.scan_block)
+        memory, summaries, sequence = (f.to(t.dtype) for f, t in zip(final, state, strict=True))
+        return MemoryOutput(y, memory, summaries, sequence, torch.zeros_like(pending))
 
     def _write_rows(
         self, x: Tensor, state: MemoryState, pending: Tensor, positions: tuple[int, ...]
@@ -162,7 +177,9 @@ class LongTermMemory(nn.Module):
         C, device = self.chunk_size, x.device
         rows = torch.arange(len(positions), device=device)
         offsets = torch.tensor([p % C for p in positions], device=device)
-        pending = pending.index_put((rows, offsets), x.to(pending.dtype))  # a new tensor: the caller's is kept
+        after = torch.arange(C, device=device) >= offsets.unsqueeze(1)  # [B, C]: this token's row and later
+        pending = pending.masked_fill(after.unsqueeze(-1), 0.0)  # a new tensor: the caller's is kept
+        pending = pending.index_put((rows, offsets), x.to(pending.dtype))
         memory, summaries, sequence = state
         done = [b for b, p in enumerate(positions) if p % C == C - 1]
         if done:

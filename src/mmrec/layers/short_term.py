@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmrec.config import MMRecConfig
-from mmrec.layers.basic import CausalConv
+from mmrec.layers.basic import CausalConv, rms_norm_step
 from mmrec.ops import gla_chunked, gla_step
 
 
@@ -69,9 +69,10 @@ class ShortTermMixer(nn.Module):
 
     def log_decay(self, gate_in: Tensor) -> Tensor:
         """log g_t per head, [B, T, H] in float32, from the gate input [B, T, d]."""
-        z = self.decay(gate_in).float()
+        z = F.linear(gate_in, self.decay.weight, self.decay.bias)
+        z = z if z.dtype == torch.float32 else z.float()
         if not self.sparse_write:
-            return F.logsigmoid(z) / self.tau
+            return F.logsigmoid(z) if self.tau == 1 else F.logsigmoid(z) / self.tau  # x / 1 is x: one op fewer
         z, s = z.split(self.n_heads, dim=-1)
         gate = F.relu(s)
         # Kept for a sparsity penalty on the gates (MMRecLM.write_gate_mean): training only.
@@ -82,6 +83,9 @@ class ShortTermMixer(nn.Module):
         """x: [B, T, d]; S: [B, H, dk, dv]; conv_tail: [B, K-1, d]."""
         B, T, d = x.shape
         H, dh = self.n_heads, self.head_dim
+        if T == 1:
+            y, S, conv_tail = self.step(x[:, 0], S, conv_tail)
+            return y.unsqueeze(1), S, conv_tail
         if self.conv is not None:
             xc, conv_tail = self.conv(x, conv_tail)
             xc = F.silu(xc)
@@ -95,12 +99,25 @@ class ShortTermMixer(nn.Module):
         log_g = self.log_decay(gate_in).transpose(1, 2)  # [B, H, T]
         if self.selective_write:  # S_t = g_t S_{t-1} + (1 - g_t) k_t^T v_t
             k = k * (-torch.expm1(log_g)).unsqueeze(-1).to(k.dtype)
-        if T == 1:
-            o, S = gla_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], log_g[:, :, 0], S)
-            o = o.unsqueeze(2)
-        else:
-            o, S = gla_chunked(q, k, v, log_g, S, self.chunk, self.scan_block)
+        o, S = gla_chunked(q, k, v, log_g, S, self.chunk, self.scan_block)
         o = o.transpose(1, 2)  # [B, T, H, dh]
         o = F.rms_norm(o, (dh,), eps=self.norm_eps).reshape(B, T, d) * self.head_norm
         y = self.out(o * torch.sigmoid(self.out_gate(x)))
         return y, S, conv_tail
+
+    def step(self, x: Tensor, S: Tensor, conv_tail: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """One token per stream (decoding): x [B, d]; the same maths as :meth:`forward` in fewer ops."""
+        B, d = x.shape
+        H, dh = self.n_heads, self.head_dim
+        if self.conv is not None:
+            xc, conv_tail = self.conv.step(x, conv_tail)
+            xc = F.silu(xc)
+        else:
+            xc = x
+        q, k, v = F.linear(xc, self.qkv.weight).view(B, 3, H, dh).unbind(1)  # 3 x [B, H, dh]
+        log_g = self.log_decay(xc if self.selective_write else x)  # [B, H]
+        if self.selective_write:
+            k = k * (-torch.expm1(log_g)).unsqueeze(-1).to(k.dtype)
+        o, S = gla_step(q * dh**-0.5, k, v, log_g, S)  # [B, H, dh]
+        o = rms_norm_step(o, None, self.norm_eps).view(B, d) * self.head_norm
+        return F.linear(o * torch.sigmoid(F.linear(x, self.out_gate.weight)), self.out.weight), S, conv_tail

@@ -7,10 +7,11 @@ import math
 from typing import Any, cast
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmrec.config import MMRecConfig
-from mmrec.layers.basic import SwiGLU
+from mmrec.layers.basic import SwiGLU, rms_norm_step
 from mmrec.layers.memory import LongTermMemory
 from mmrec.layers.short_term import ShortTermMixer
 from mmrec.models.generation import GenerationMixin
@@ -54,6 +55,26 @@ class MMRecBlock(nn.Module):
             "pending": long_term.pending,
         }
         return x, new
+
+    def step(
+        self, x: Tensor, st: tuple[Tensor, ...], position: Position, fresh: bool = False
+    ) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """One token per stream (decoding): x [B, d]; ``st`` this block's (short, conv, memory, summaries,
+        sequence, pending), returned new in that order. The maths of :meth:`forward`, called as plain
+        functions: at one token the time goes to per-op overhead, not arithmetic."""
+        short, conv, memory, summaries, sequence, pending = st
+        n1, n2, n3 = self.norm1, self.norm2, self.norm3
+        y, short, conv = self.short_term.step(rms_norm_step(x, n1.weight, n1.eps), short, conv)
+        x = x + y
+        if fresh:  # a copy: FSDP2 frees the gathered parameter after the block, and a state may outlive it
+            memory = self.memory.memory_init.to(memory.dtype).expand_as(memory).clone()
+        long_term = self.memory.step(
+            rms_norm_step(x, n2.weight, n2.eps), memory, summaries, sequence, pending, position
+        )
+        x = x + long_term.y
+        gate, up = F.linear(rms_norm_step(x, n3.weight, n3.eps), self.mlp.w13.weight).chunk(2, -1)
+        x = x + F.linear(F.silu(gate) * up, self.mlp.w2.weight)
+        return x, (short, conv, *long_term[1:])
 
 
 class MMRecLM(nn.Module, GenerationMixin):
@@ -192,6 +213,8 @@ class MMRecLM(nn.Module, GenerationMixin):
                     f"together one token at a time, but a call of {T} tokens must feed the streams separately "
                     "(prefill each stream alone, then cat the states and decode them together)"
                 )
+        if T == 1:
+            return self._step_hidden(ids[:, 0], state, position, fresh)
         x = self.embed(ids)  # [B, T, d]
         per_layer: list[dict[str, Tensor]] = []
         for i, block in enumerate(self.layers):
@@ -203,3 +226,19 @@ class MMRecLM(nn.Module, GenerationMixin):
             **{name: torch.stack([layer[name] for layer in per_layer]) for name in per_layer[0]},
         )
         return self.norm(x), new_state
+
+    def _step_hidden(
+        self, ids: Tensor, state: MMRecState, position: Position, fresh: bool
+    ) -> tuple[Tensor, MMRecState]:
+        """:meth:`hidden_states` of one token per stream, ids [B]: per-layer state tensors passed as
+        tuples and stacked once per field, the blocks' one-token paths."""
+        x = F.embedding(ids, self.embed.weight)  # [B, d]
+        fields = (state.short, state.conv, state.memory, state.summaries, state.sequence, state.pending)
+        per_layer = []
+        for block, st in zip(self.layers, zip(*(t.unbind(0) for t in fields), strict=True), strict=True):
+            x, new = block.step(x, st, position, fresh)
+            per_layer.append(new)
+        stacked = [torch.stack(ts) for ts in zip(*per_layer, strict=True)]
+        new_state = MMRecState(position + 1 if isinstance(position, int) else tuple(p + 1 for p in position), *stacked)
+        n = self.norm
+        return rms_norm_step(x, n.weight, n.eps).unsqueeze(1), new_state

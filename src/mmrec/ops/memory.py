@@ -36,6 +36,7 @@ tokens' dtype.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -235,17 +236,26 @@ def memory_read(tokens: Tensor, entering: MemoryState, params: MemoryParams, hea
     return _merge_heads(o).view(B, n, C, d_mem)
 
 
-def _step_read_mask(completed: int | Sequence[int], n_slots: int, window: int, device: torch.device) -> Tensor | None:
-    """[B or 1, E] True where a stream's entry may be read, or None when all may (one step, streams
-    that completed ``completed`` chunks: one count for all, or one per stream)."""
+@functools.lru_cache(maxsize=256)
+def _cached_step_blocked(completed: int, n_slots: int, window: int, device: torch.device) -> Tensor | None:
+    """:func:`_step_blocked` for one count, kept: a decoding step needs it for every token of a stream's
+    first W chunks. Its users only read it."""
+    mask = _read_mask(completed, 1, n_slots, window, device)
+    return None if mask is None else ~mask.view(1, 1, -1)
+
+
+def _step_blocked(completed: int | Sequence[int], n_slots: int, window: int, device: torch.device) -> Tensor | None:
+    """[B or 1, 1, E] True where a stream may *not* read an entry (FIFO entries of chunks that never
+    existed), or None when it may read all: one step of streams that completed ``completed`` chunks,
+    one count for all or one per stream."""
     if isinstance(completed, int):
-        return _read_mask(completed, 1, n_slots, window, device)
+        return _cached_step_blocked(min(completed, window), n_slots, window, device)
     if min(completed) >= window:
         return None
     done = torch.tensor(list(completed), device=device).unsqueeze(1)  # [B, 1]
-    valid = done + torch.arange(window, device=device) >= window  # [B, W]: as _fifo_valid, per stream
-    always = torch.ones(valid.size(0), 1, dtype=torch.bool, device=device)
-    return torch.cat([always.expand(-1, n_slots), valid, always, always], dim=1)
+    missing = done + torch.arange(window, device=device) < window  # [B, W]: not yet real, as in _fifo_valid
+    never = torch.zeros(missing.size(0), 1, dtype=torch.bool, device=device)
+    return torch.cat([never.expand(-1, n_slots), missing, never, never], dim=1).unsqueeze(1)
 
 
 def memory_read_step(
@@ -261,17 +271,24 @@ def memory_read_step(
     about 5x fewer FLOPs per token than :func:`memory_read` on one token.
     """
     B = token.size(0)
+    dtype = token.dtype
     n_slots, window, d_mem = state.slots.size(1), state.summaries.size(1), params.null_entry.numel()
-    null = params.null_entry.to(state.slots.dtype).expand(B, 1, d_mem)
+    null = params.null_entry.expand(B, 1, d_mem)
+    if null.dtype != state.slots.dtype:
+        null = null.to(state.slots.dtype)
     entries = torch.cat([state.slots, state.summaries, state.sequence.unsqueeze(1), null], dim=1)  # [B, E, d_mem]
-    entries = entries.to(token.dtype)
-    w_k, w_v = params.read_kv.to(token.dtype).view(2, heads, -1, d_mem)  # [h, dh, d_mem] each
-    q = F.linear(token, params.read_q).view(B, heads, -1)  # [B, h, dh]
-    scores = torch.einsum("bhm,bem->bhe", torch.einsum("bhk,hkm->bhm", q, w_k), entries) * q.size(-1) ** -0.5
-    mask = _step_read_mask(completed, n_slots, window, token.device)
-    if mask is not None:
-        scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))  # [B or 1, 1, E] over [B, h, E]
+    read_kv = params.read_kv if params.read_kv.dtype == dtype else params.read_kv.to(dtype)
+    if entries.dtype != dtype:
+        entries = entries.to(dtype)
+    w_k, w_v = read_kv.view(2, heads, -1, d_mem)  # [h, dh, d_mem] each
+    q = F.linear(token, params.read_q).view(B, heads, 1, -1)  # [B, h, 1, dh]
+    q_entry = torch.matmul(q, w_k).view(B, heads, d_mem)  # [B, h, d_mem]: W_k^T q per head
+    scores = torch.bmm(q_entry, entries.transpose(1, 2)) * q.size(-1) ** -0.5  # [B, h, E]
+    blocked = _step_blocked(completed, n_slots, window, token.device)  # [B or 1, 1, E]
+    if blocked is not None:
+        scores = scores.masked_fill(blocked, float("-inf"))
     # At least float32 for the softmax under bf16; float64 stays float64.
-    p = torch.softmax(scores.to(accumulation_dtype(scores.dtype)), dim=-1).to(token.dtype)  # [B, h, E]
-    o = torch.einsum("bhm,hkm->bhk", torch.einsum("bhe,bem->bhm", p, entries), w_v)  # [B, h, dh]
-    return o.reshape(B, d_mem)
+    acc = accumulation_dtype(dtype)
+    p = torch.softmax(scores if scores.dtype == acc else scores.to(acc), dim=-1)  # [B, h, E]
+    read = torch.bmm(p if p.dtype == dtype else p.to(dtype), entries).unsqueeze(2)  # [B, h, 1, d_mem]
+    return torch.matmul(read, w_v.transpose(-1, -2)).view(B, d_mem)  # W_v of the read, per head
