@@ -468,7 +468,7 @@ def test_cli_synth_passkey_trains_grades_and_reloads(tmp_path: Path, monkeypatch
 
 
 def test_cli_synth_passkey_evaluates_on_prompts_it_never_trained_on(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
-    """The held-out accuracy and the grid read prompts that no training batch held (seed + HELD_OUT_SEED)."""
+    """The held-out accuracy and the grid read prompts that no training batch held (the seed's evaluation stream)."""
     import mmrec.cli.tasks as cli_tasks
     from mmrec.evals import passkey as pk
     from mmrec.train import tasks

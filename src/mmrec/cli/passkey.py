@@ -177,7 +177,7 @@ def run_synth_passkey(opts: SynthPasskeyOptions) -> int:
     )
     # The model and tokenizer are saved as a step directory before the held-out evaluation and the grid, so a
     # long grid that is cut short loses no training; `mmrec eval passkey --checkpoint OUT` grades them again.
-    # Held out: training prompts of other keys, depths and fillers (seed + HELD_OUT_SEED).
+    # Held out: training prompts of other keys, depths and fillers (the evaluation stream of the seed).
     evaluate, held_out = held_out_evaluator(make_batch, HELD_OUT_BATCHES, opts.batch_size, device, opts.seed)
     trained = opts.train(model, make_batch, device, evaluate, TaskOutput(out, hi, tokenizer, opts.settings("passkey")))
     accuracy = held_out[-1].accuracy

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -27,6 +26,7 @@ from mmrec.cli.tasks import (
     at_least,
     command,
     finite,
+    held_out_evaluator,
     make_out,
     model_fields,
     plot_lines,
@@ -73,33 +73,6 @@ def _dry_run(make_batch: MakeBatch, where: str = "") -> None:
         make_batch(1, torch.Generator().manual_seed(0))
     except ValueError as e:
         raise ConfigError(f"{where}{e}") from None
-
-
-def _check_seed(seed: int) -> None:
-    """The seed must keep its training, validation and evaluation streams apart (``syn.stream_seed``)."""
-    try:
-        syn.stream_seed(seed, "evaluation")
-    except ValueError as e:
-        raise ConfigError(f"seed: {e}") from None
-
-
-def _evaluator(
-    make_batch: MakeBatch, n_batches: int, batch_size: int, device: torch.device, seed: int, **kwargs: Any
-) -> tuple[Any, list[TaskEval]]:
-    """``eval_fn`` for ``train_task`` on batches of the evaluation stream of ``seed``, and the list it fills.
-
-    The list keeps every evaluation whole, so a result that could not be measured stays None (null in
-    results.json); ``train_task`` itself only receives a number (nan for none).
-    """
-    done: list[TaskEval] = []
-    evaluation_seed = syn.stream_seed(seed, "evaluation")
-
-    def evaluate(model: torch.nn.Module) -> float:
-        ev = evaluate_task(model, make_batch, n_batches, batch_size, device, seed=evaluation_seed, **kwargs)
-        done.append(ev)
-        return math.nan if ev.accuracy is None else ev.accuracy
-
-    return evaluate, done
 
 
 def _start(opts: TaskOptions, task: str, train_len: int, summary: str) -> tuple[Any, torch.device]:
@@ -164,7 +137,6 @@ class MqarOptions(TaskOptions):
         _require(len(set(self.lrs)) == len(self.lrs), "lrs", f"give distinct learning rates, got {self.lrs}")
         for lr in self.lrs:
             finite(lr, "lrs", 0.0, strict=True)
-        _check_seed(self.seed)
         _dry_run(self.test_batch)
         self.mix = parse_mix(self.train_mix)
         for seq, kv, _ in self.mix:
@@ -226,7 +198,7 @@ def run_mqar(opts: MqarOptions) -> int:
         trained, evaluation, lr = sweep.chosen.trained, sweep.evaluation, sweep.chosen.lr
     else:
         # Fresh batches of the test setting from the evaluation stream: the accuracy train_task reports, kept whole.
-        evaluate, held_out = _evaluator(opts.test_batch, opts.eval_batches, opts.batch_size, device, opts.seed)
+        evaluate, held_out = held_out_evaluator(opts.test_batch, opts.eval_batches, opts.batch_size, device, opts.seed)
         trained = opts.train(model, opts.train_batch, device, evaluate, _output(opts, "mqar", opts.longest))
         evaluation, lr = held_out[-1], opts.lr
     accuracy = evaluation.accuracy  # None (null, "not evaluated") when nothing could be scored
@@ -323,7 +295,6 @@ class LengthTaskOptions(TaskOptions, LongContextOptions):
         _positive(self, "test_batches")
         if self.test_batch_size is not None:
             _positive(self, "test_batch_size")
-        _check_seed(self.seed)
         self.check_long_context()
         for length in [self.train_len, *self.test_lens]:
             _dry_run(self.batches(length))
@@ -363,7 +334,9 @@ def run_length_task(opts: LengthTaskOptions) -> int:
     summary = f"training {opts.steps} steps of {opts.batch_size} x {opts.train_len} tokens"
     model, device = _start(opts, task, opts.train_len, summary)
     fields = model_fields(opts, model, device)
-    evaluate, held_out = _evaluator(opts.batches(opts.train_len), HELD_OUT_BATCHES, opts.batch_size, device, opts.seed)
+    evaluate, held_out = held_out_evaluator(
+        opts.batches(opts.train_len), HELD_OUT_BATCHES, opts.batch_size, device, opts.seed
+    )
     trained = opts.train(model, opts.batches(opts.train_len), device, evaluate, _output(opts, task, opts.train_len))
     test_batch = opts.test_batch_size or opts.batch_size
     evals = []

@@ -24,6 +24,7 @@ from mmrec.cli.command import Command
 from mmrec.cli.commands import DEVICE_HELP, add_model_options, model_values
 from mmrec.config import ConfigError, ModelConfig, _doc, _positive, _require
 from mmrec.evals.context import BEYOND_MODES, MakeBatch, TaskEval, evaluate_task
+from mmrec.evals.synthetic import stream_seed
 from mmrec.models.factory import label, resolve_model_config
 from mmrec.train.config import TrainConfig
 from mmrec.train.tasks import TASK_BETAS, TaskOutput, train_task
@@ -33,7 +34,6 @@ from mmrec.utils.options import build, field_names, given
 GIB = 2**30
 # Added to --seed for every held-out evaluation: its batches come from another generator stream than training's,
 # so no evaluation batch is a training batch (tests/test_synthetic.py checks it batch by batch).
-HELD_OUT_SEED = 1_000_003
 HELD_OUT_BATCHES = 8  # held-out batches at the training length after training (train_task's own default)
 OUT_HELP = "Output folder (created): results.json, results.md, figures, metrics.csv and the trained model (step-N/)."
 
@@ -140,6 +140,10 @@ class TaskOptions:
             finite(self.max_minutes, "max_minutes", 0.0, strict=True)
         finite(self.write_l1, "write_l1", 0.0, strict=False)
         _require(self.write_l1_warmup >= 0, "write_l1_warmup", f"must be >= 0, got {self.write_l1_warmup}")
+        try:  # the seed must keep its training, validation and evaluation streams apart
+            stream_seed(self.seed, "evaluation")
+        except ValueError as e:
+            raise ConfigError(f"seed: {e}") from None
 
     def resolve_model(self, vocab_size: int, train_len: int) -> ModelConfig:
         """The model config: the task's preset < the model flags given; checked here, before anything is made.
@@ -214,15 +218,17 @@ def accuracy_text(value: float | None, digits: int = 3) -> str:
 def held_out_evaluator(
     make_batch: Any, n_batches: int, batch_size: int, device: torch.device, seed: int, **kwargs: Any
 ) -> tuple[Callable[[torch.nn.Module], float], list[TaskEval]]:
-    """``eval_fn`` for ``train_task`` on held-out batches (seed + HELD_OUT_SEED), and the list it fills.
+    """``eval_fn`` for ``train_task`` on batches of the evaluation stream of ``seed``
+    (:func:`mmrec.evals.synthetic.stream_seed`: never a training or validation batch), and the list it fills.
 
     The list keeps every evaluation whole, so a result that could not be measured stays None (null in
     results.json); ``train_task`` itself only receives a number (nan for none).
     """
     done: list[TaskEval] = []
+    evaluation_seed = stream_seed(seed, "evaluation")
 
     def evaluate(model: torch.nn.Module) -> float:
-        ev = evaluate_task(model, make_batch, n_batches, batch_size, device, seed=seed + HELD_OUT_SEED, **kwargs)
+        ev = evaluate_task(model, make_batch, n_batches, batch_size, device, seed=evaluation_seed, **kwargs)
         done.append(ev)
         return math.nan if ev.accuracy is None else ev.accuracy
 
