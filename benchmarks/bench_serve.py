@@ -18,8 +18,10 @@ tokens from a one-character prompt; the copies are deleted afterwards.
 Reported per row: aggregate decode tokens/s (every token but each client's first, over the span from the
 first client's first token to the last token of any), p50 / p99 of the time between consecutive tokens
 as the clients saw them, the median time to first token (loading the session and feeding the prompt),
-the speedup of K clients over one, and the bytes of a session's state (GET /v1/sessions/ID; fixed for
-MM-Rec, a KV cache growing with C for the Transformer). Nothing is asserted: machines are shared.
+the speedup of K clients over one, the bytes of a session's state (GET /v1/sessions/ID; fixed for
+MM-Rec, a KV cache growing with C for the Transformer), and beside them the model's own time per decoding
+step for K streams at that context in this process, no server (median over ``--tokens`` steps, measured
+while the server idles): what the server adds is the difference. Nothing is asserted: machines are shared.
 """
 
 from __future__ import annotations
@@ -184,8 +186,50 @@ class SessionCopier:
         self.store.close()
 
 
+class InProcess:
+    """The same checkpoint decoding in this process, no server: the model's own time per step for K streams
+    at a context, measured while the server is idle (median of ``steps`` steps, as bench_core.py does)."""
+
+    def __init__(self, checkpoint: Path) -> None:
+        import mmrec
+        from mmrec.utils.cpu import tune_glibc_malloc
+
+        tune_glibc_malloc()  # as mmrec serve and bench_core.py do
+        self.model: Any = mmrec.load(checkpoint, "cpu").model
+        self.state: Any = None
+
+    def fill(self, text: str) -> None:
+        import torch
+
+        ids = torch.tensor([[min(b, 255) for b in text.encode()]])
+        self.state = None
+        with torch.no_grad():
+            for start in range(0, ids.size(1), 2048):  # the server's prefill piece
+                self.state = self.model(ids[:, start : start + 2048], state=self.state).state
+
+    def ms_per_step(self, streams: int, steps: int) -> float:
+        import torch
+
+        from mmrec.evals.speed import timed
+
+        holder = {"state": type(self.state).cat([self.state] * streams) if streams > 1 else self.state}
+        token = torch.full((streams, 1), ord("a"))
+
+        def one() -> None:
+            holder["state"] = self.model(token, state=holder["state"]).state
+
+        with torch.no_grad():
+            return 1000 * timed(one, steps, torch.device("cpu"))
+
+
 async def bench_model(
-    url: str, arch: str, contexts: list[int], clients: list[int], tokens: int, copier: SessionCopier | None
+    url: str,
+    arch: str,
+    contexts: list[int],
+    clients: list[int],
+    tokens: int,
+    copier: SessionCopier | None,
+    alone: InProcess | None,
 ) -> list[dict]:
     rows = []
     async with httpx.AsyncClient(base_url=url, timeout=3600) as client:
@@ -198,6 +242,8 @@ async def bench_model(
                 f"  {arch} C={context}: session filled in {prefill_s:.2f} s; state {info['state_bytes']:,} bytes",
                 flush=True,
             )
+            if alone is not None:
+                await asyncio.to_thread(alone.fill, text)
             for k in clients:
                 names = [f"{source}-k{k}-{i}" for i in range(k)]
                 start = time.perf_counter()
@@ -210,6 +256,9 @@ async def bench_model(
                 before = [(await client.get(f"/v1/sessions/{n}", headers=HEADERS)).json() for n in names]
                 engine_before = (await client.get("/health")).json()["engine"]["decode_steps_by_batch_size"]
                 row = await trial(url, names, tokens)
+                row["in_process_ms_per_step"] = (
+                    await asyncio.to_thread(alone.ms_per_step, k, tokens) if alone is not None else float("nan")
+                )
                 engine_after = (await client.get("/health")).json()["engine"]["decode_steps_by_batch_size"]
                 for name in names:
                     await client.delete(f"/v1/sessions/{name}", headers=HEADERS)
@@ -229,7 +278,8 @@ async def bench_model(
                 )
                 print(
                     f"    {k} client(s): {row['decode_tokens_per_s']:.1f} tok/s, p50 {row['p50_ms']:.2f} ms, "
-                    f"p99 {row['p99_ms']:.2f} ms; decode steps by batch size {row['decode_steps_by_batch_size']}",
+                    f"p99 {row['p99_ms']:.2f} ms (in process {row['in_process_ms_per_step']:.2f} ms per step); "
+                    f"decode steps by batch size {row['decode_steps_by_batch_size']}",
                     flush=True,
                 )
                 rows.append(row)
@@ -239,16 +289,17 @@ async def bench_model(
 def table(rows: list[dict]) -> str:
     one = {(r["arch"], r["context"]): r["decode_tokens_per_s"] for r in rows if r["clients"] == 1}
     lines = [
-        "| model | context | clients | tokens/s | vs 1 client | p50 ms/token | p99 ms/token | TTFT p50 ms | "
-        "state bytes/session |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | context | clients | tokens/s | vs 1 client | p50 ms/token | p99 ms/token | in-process ms/step | "
+        "TTFT p50 ms | state bytes/session |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         base = one.get((r["arch"], r["context"]))
         speedup = f"{r['decode_tokens_per_s'] / base:.2f}x" if base else "-"
         lines.append(
             f"| {r['arch']} | {r['context']:,} | {r['clients']} | {r['decode_tokens_per_s']:.1f} | {speedup} | "
-            f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['ttft_p50_ms']:.0f} | {r['state_bytes']:,} |"
+            f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['in_process_ms_per_step']:.2f} | {r['ttft_p50_ms']:.0f} | "
+            f"{r['state_bytes']:,} |"
         )
     return "\n".join(lines)
 
@@ -281,6 +332,9 @@ def main() -> int:
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--tokens", type=int, default=64, help="tokens each client streams")
     p.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch")
+    p.add_argument(
+        "--no-in-process", action="store_true", help="skip the reference of the model decoding in this process"
+    )
     p.add_argument("--fill-each", action="store_true", help="fill every session through the server (no copies)")
     p.add_argument("--json", default=None, help="write every row (with each time between tokens) here")
     p.add_argument("--log", default=None, help="the servers' log (default: a temporary file)")
@@ -305,7 +359,8 @@ def main() -> int:
                 try:
                     card = httpx.get(server.url + "/v1/models", headers=HEADERS).json()["data"][0]
                     print(f"{arch}: {card['parameters']:,} parameters, state: {card['state']}", flush=True)
-                    run = bench_model(server.url, arch, args.contexts, args.clients, args.tokens, copier)
+                    alone = None if args.no_in_process else InProcess(checkpoint)
+                    run = bench_model(server.url, arch, args.contexts, args.clients, args.tokens, copier, alone)
                     rows += asyncio.run(run)
                     servers[arch] = {"parameters": card["parameters"], "rss_bytes_after": server.rss_bytes()}
                 finally:
