@@ -24,7 +24,6 @@ httpx = pytest.importorskip("httpx")
 
 import mmrec  # noqa: E402
 from mmrec.config import TransformerConfig  # noqa: E402
-from mmrec.serve import batching  # noqa: E402
 from mmrec.serve.app import STATIC, create_app  # noqa: E402
 from mmrec.serve.protocol import Limits  # noqa: E402
 from serve_support import LiveServer, free_port, lively_checkpoint  # noqa: E402
@@ -292,14 +291,8 @@ def test_full_queue_answers_429_and_a_disconnect_frees_the_slot(run_dir: Path, t
     assert cancelled == 1
 
 
-@pytest.mark.parametrize("state_api", [True, False], ids=["state-batch-api", "equal-positions-only"])
-def test_concurrent_streams_decode_in_one_batch(
-    run_dir: Path, tmp_path: Path, state_api: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    if not state_api:  # the engine's own fallback, for states without cat/select/split
-        monkeypatch.setattr(batching, "has_batch_api", lambda state: False)
-    # Pairs of equal length: states at one position batch together even without the state's own batch API.
-    prompts = ["one ", "two ", "three ", "seven "]
+def test_concurrent_streams_decode_in_one_batch(run_dir: Path, tmp_path: Path) -> None:
+    prompts = ["one ", "two two ", "three ", "four four four "]  # streams at different positions batch together
     with LiveServer(create_app(run_dir, sessions_dir=tmp_path / "s")) as server:
         client = server.client()
         alone = {p: _greedy(client, p, 48) for p in prompts}

@@ -133,8 +133,9 @@ def test_text_is_sent_in_whole_characters_and_cut_before_a_stop_string() -> None
     assert _text(Job([1], 2, print, stop=["xyz"]), [b"ax", b"y"]) == (["a", "xy"], "length")
 
 
-def _run_engine(model, jobs: list[dict]) -> list[list]:  # noqa: ANN001
-    """Run ``jobs`` (Job keyword arguments) through one Engine together; the events of each."""
+def _run_engine(model, jobs: list[dict], stats: dict | None = None) -> list[list]:  # noqa: ANN001
+    """Run ``jobs`` (Job keyword arguments) through one Engine, all queued before it starts (so they are
+    fed in its first step); the events of each. ``stats`` receives the engine's."""
     import threading
 
     from mmrec.serve.engine import Engine, Failed, Finished
@@ -160,6 +161,8 @@ def _run_engine(model, jobs: list[dict]) -> list[list]:  # noqa: ANN001
             assert done.acquire(timeout=60)
     finally:
         engine.stop()
+    if stats is not None:
+        stats.update(engine.stats.as_dict())
     return events
 
 
@@ -204,3 +207,40 @@ def test_a_row_whose_sampling_fails_fails_alone(model, monkeypatch) -> None:  # 
     )
     assert type(runs[0][-1]).__name__ == "Finished" and runs[0][-1].completion_tokens == 30
     assert type(runs[1][-1]).__name__ == "Failed" and "sampling failed" in runs[1][-1].message
+
+
+def test_a_prompt_whose_feeding_fails_fails_alone(model, monkeypatch) -> None:  # noqa: ANN001
+    real = model.hidden_states
+
+    def fragile(ids, state=None):  # noqa: ANN001, ANN202
+        if bool((ids == 1).any()):
+            raise RuntimeError("out of memory (simulated)")
+        return real(ids, state)
+
+    monkeypatch.setattr(model, "hidden_states", fragile)
+    runs = _run_engine(
+        model,
+        [
+            dict(prompt_ids=list(b"Hello"), max_tokens=10, temperature=0),
+            dict(prompt_ids=[1, 2, 3], max_tokens=10, temperature=0),
+            dict(prompt_ids=list(b"there"), max_tokens=10, temperature=0),
+        ],
+    )
+    assert [type(r[-1]).__name__ for r in runs] == ["Finished", "Failed", "Finished"]
+    assert runs[1][-1].status == 500 and "out of memory (simulated)" in runs[1][-1].message
+
+
+@pytest.mark.parametrize("state_api", [True, False], ids=["state-batch-api", "equal-positions-only"])
+def test_streams_decoded_together_give_the_text_of_each_alone(model, state_api: bool, monkeypatch) -> None:  # noqa: ANN001
+    from mmrec.serve import batching
+
+    if not state_api:  # the engine's own joining, for states without cat/select/split: equal positions only
+        monkeypatch.setattr(batching, "has_batch_api", lambda state: False)
+    prompts = [list(b"one "), list(b"two "), list(b"three "), list(b"seven ")]
+    jobs = [dict(prompt_ids=p, max_tokens=24, temperature=0) for p in prompts]
+    alone = [_reply(_run_engine(model, [job])[0]) for job in jobs]
+    stats: dict = {}
+    together = [_reply(events) for events in _run_engine(model, jobs, stats)]
+    assert together == alone
+    # With the state's batch API all four decode in one batch; without it, the two pairs of equal length.
+    assert max(int(size) for size in stats["decode_steps_by_batch_size"]) == (4 if state_api else 2)

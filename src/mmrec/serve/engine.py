@@ -220,21 +220,23 @@ class Engine:
                         break
                     while self._waiting and self._running() < self.max_batch:
                         self._prefilling.append(self._waiting.popleft())
-                try:
-                    self._prefill_step()
-                    for batch in list(self._batches):
+                self._prefill_step()
+                for batch in list(self._batches):
+                    try:
                         self._decode_step(batch)
-                except Exception as e:  # a bug or an exhausted device: fail what runs, keep serving
-                    log.exception("decoding failed")
-                    self._fail_all(500, f"decoding failed: {type(e).__name__}: {e}")
-        self._fail_all(503, "the server is shutting down", include_waiting=True)
+                    except Exception as e:  # a bug or an exhausted device: fail this batch, serve the others
+                        log.exception("decoding failed")
+                        with self._wake:
+                            if batch in self._batches:
+                                self._batches.remove(batch)
+                        for row in batch.rows:
+                            row.sink(Failed(500, f"decoding failed: {type(e).__name__}: {e}"))
+        self._fail_all(503, "the server is shutting down")
 
-    def _fail_all(self, status: int, message: str, include_waiting: bool = False) -> None:
+    def _fail_all(self, status: int, message: str) -> None:
         with self._wake:
-            jobs = list(self._prefilling) + [row for b in self._batches for row in b.rows]
-            if include_waiting:
-                jobs += list(self._waiting)
-                self._waiting.clear()
+            jobs = list(self._waiting) + list(self._prefilling) + [row for b in self._batches for row in b.rows]
+            self._waiting.clear()
             self._prefilling.clear()
             self._batches.clear()
         for job in jobs:
@@ -248,41 +250,55 @@ class Engine:
         while self._prefilling and budget > 0:
             job = self._prefilling[0]
             if job.cancelled.is_set():
-                with self._wake:
-                    self._prefilling.popleft()
+                self._drop_prefilling(job)
                 self.stats.cancelled += 1
                 continue
-            piece = job.prompt_ids[job.fed : job.fed + budget]
-            ids = torch.tensor([piece], dtype=torch.long, device=self.device())
             try:
-                # Logits of the last position only: a long prompt would otherwise build [T, vocab] of them.
-                hidden, job.state = self.model.hidden_states(ids, job.state)
+                budget -= self._feed(job, budget)
             except (ValueError, TypeError) as e:  # the model refuses the input (e.g. past its learned positions)
-                with self._wake:
-                    self._prefilling.popleft()
+                self._drop_prefilling(job)
                 job.sink(Failed(400, str(e)))
-                continue
-            job.fed += len(piece)
-            budget -= len(piece)
-            self.stats.prefill_tokens += len(piece)
-            if job.fed == len(job.prompt_ids):
-                logits = self.model.lm_head(hidden[:, -1]).float()  # [1, V]
-                with self._wake:
-                    self._prefilling.popleft()
-                    self._join(job, logits)
+            except Exception as e:  # a bug or an exhausted device: this request fails, the others go on
+                log.exception("feeding a prompt failed")
+                self._drop_prefilling(job)
+                job.sink(Failed(500, f"feeding the prompt failed: {type(e).__name__}: {e}"))
+
+    def _feed(self, job: Job, budget: int) -> int:
+        """Feed the next piece of ``job``'s prompt (at most ``budget`` tokens); returns its length."""
+        piece = job.prompt_ids[job.fed : job.fed + budget]
+        ids = torch.tensor([piece], dtype=torch.long, device=self.device())
+        # Logits of the last position only: a long prompt would otherwise build [T, vocab] of them.
+        hidden, job.state = self.model.hidden_states(ids, job.state)
+        job.fed += len(piece)
+        self.stats.prefill_tokens += len(piece)
+        if job.fed == len(job.prompt_ids):
+            logits = self.model.lm_head(hidden[:, -1]).float()  # [1, V]
+            with self._wake:
+                self._join(job, logits)
+                self._prefilling.popleft()
+        return len(piece)
+
+    def _drop_prefilling(self, job: Job) -> None:
+        with self._wake:
+            if self._prefilling and self._prefilling[0] is job:
+                self._prefilling.popleft()
 
     def _join(self, job: Job, logits: Tensor) -> None:
+        """Add a fed request to the batch of its ``batch_key`` (or a new one); the batch changes only once
+        the new state and logits are built, so a failure leaves it as it was."""
         if job.seed is not None:
             job.generator = torch.Generator(device=logits.device).manual_seed(job.seed)
-        state, job.state = job.state, None
-        key = batching.batch_key(state)
+        key = batching.batch_key(job.state)
         for batch in self._batches:
             if batching.batch_key(batch.state) == key:
-                batch.rows.append(job)
-                batch.state = batching.cat([batch.state, state])
+                state = batching.cat([batch.state, job.state])
                 batch.logits = torch.cat([batch.logits, logits])
-                return
-        self._batches.append(Batch(rows=[job], state=state, logits=logits))
+                batch.state = state
+                batch.rows.append(job)
+                break
+        else:
+            self._batches.append(Batch(rows=[job], state=job.state, logits=logits))
+        job.state = None
 
     def _sample(self, batch: Batch) -> list[int | str]:
         """One token per row, or for a row whose sampling failed, why (that row alone is failed)."""
