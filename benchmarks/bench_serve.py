@@ -19,9 +19,10 @@ Reported per row: aggregate decode tokens/s (every token but each client's first
 first client's first token to the last token of any), p50 / p99 of the time between consecutive tokens
 as the clients saw them, the median time to first token (loading the session and feeding the prompt),
 the speedup of K clients over one, the bytes of a session's state (GET /v1/sessions/ID; fixed for
-MM-Rec, a KV cache growing with C for the Transformer), and beside them the model's own time per decoding
-step for K streams at that context in this process, no server (median over ``--tokens`` steps, measured
-while the server idles): what the server adds is the difference. Nothing is asserted: machines are shared.
+MM-Rec, a KV cache growing with C for the Transformer), and beside the one-client rows the model's own
+time per decoding step of one stream at that context in this process, no server (median over
+``--tokens`` steps, measured while the server idles): what the server adds is the difference. Nothing
+is asserted: machines are shared.
 """
 
 from __future__ import annotations
@@ -256,8 +257,9 @@ async def bench_model(
                 before = [(await client.get(f"/v1/sessions/{n}", headers=HEADERS)).json() for n in names]
                 engine_before = (await client.get("/health")).json()["engine"]["decode_steps_by_batch_size"]
                 row = await trial(url, names, tokens)
+                # One stream only: K copies of a 32K KV cache in this process too would double the memory.
                 row["in_process_ms_per_step"] = (
-                    await asyncio.to_thread(alone.ms_per_step, k, tokens) if alone is not None else float("nan")
+                    await asyncio.to_thread(alone.ms_per_step, 1, tokens) if alone is not None and k == 1 else None
                 )
                 engine_after = (await client.get("/health")).json()["engine"]["decode_steps_by_batch_size"]
                 for name in names:
@@ -278,7 +280,7 @@ async def bench_model(
                 )
                 print(
                     f"    {k} client(s): {row['decode_tokens_per_s']:.1f} tok/s, p50 {row['p50_ms']:.2f} ms, "
-                    f"p99 {row['p99_ms']:.2f} ms (in process {row['in_process_ms_per_step']:.2f} ms per step); "
+                    f"p99 {row['p99_ms']:.2f} ms (in process, one stream: {_ms(row['in_process_ms_per_step'])}); "
                     f"decode steps by batch size {row['decode_steps_by_batch_size']}",
                     flush=True,
                 )
@@ -286,10 +288,14 @@ async def bench_model(
     return rows
 
 
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def table(rows: list[dict]) -> str:
     one = {(r["arch"], r["context"]): r["decode_tokens_per_s"] for r in rows if r["clients"] == 1}
     lines = [
-        "| model | context | clients | tokens/s | vs 1 client | p50 ms/token | p99 ms/token | in-process ms/step | "
+        "| model | context | clients | tokens/s | vs 1 client | p50 ms/token | p99 ms/token | in process, 1 stream | "
         "TTFT p50 ms | state bytes/session |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -298,7 +304,7 @@ def table(rows: list[dict]) -> str:
         speedup = f"{r['decode_tokens_per_s'] / base:.2f}x" if base else "-"
         lines.append(
             f"| {r['arch']} | {r['context']:,} | {r['clients']} | {r['decode_tokens_per_s']:.1f} | {speedup} | "
-            f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['in_process_ms_per_step']:.2f} | {r['ttft_p50_ms']:.0f} | "
+            f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {_ms(r['in_process_ms_per_step'])} | {r['ttft_p50_ms']:.0f} | "
             f"{r['state_bytes']:,} |"
         )
     return "\n".join(lines)
