@@ -189,6 +189,8 @@ def test_api_keys_are_required_and_own_their_sessions(run_dir: Path, tmp_path: P
             server.client("wrong").models.list()
         no_key = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "x"})
         assert httpx.get(server.url + "/health").status_code == 200
+        for open_route in ("/docs", "/openapi.json", "/redoc"):  # FastAPI's own pages would bypass the key
+            assert httpx.get(server.url + open_route).status_code in (401, 404), open_route
         first = _turn(a, TURNS[0], "mine").choices[0].text
         head_b = {"Authorization": "Bearer key-b"}
         assert httpx.get(server.url + "/v1/sessions/mine", headers=head_b).status_code == 404

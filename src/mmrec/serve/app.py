@@ -84,7 +84,9 @@ def create_app(
             service.close()
             store.close()
 
-    app = FastAPI(title="mmrec serve", version=str(loaded.meta.get("mmrec_version", "")), lifespan=lifespan)
+    # FastAPI's /docs and /openapi.json cannot check our keys: with keys they are not served at all.
+    hidden: dict[str, Any] = {"docs_url": None, "redoc_url": None, "openapi_url": None} if keys else {}
+    app = FastAPI(title="mmrec serve", version=str(loaded.meta.get("mmrec_version", "")), lifespan=lifespan, **hidden)
     app.state.service = service
     _errors(app)
 
