@@ -17,6 +17,8 @@ from mmrec.utils.errors import ConfigError
 
 __all__ = ["ConfigError", "MMRecConfig", "ModelConfig", "TransformerConfig"]
 
+SHORT_TERM_RULES = ("gla", "delta")
+
 T = TypeVar("T")
 
 
@@ -92,6 +94,12 @@ class MMRecConfig(ConfigMixin):
     )
     decay_max: float = _doc("Initial per-step decay of the longest-memory head.", default=0.999)
     decay_tau: float = _doc("Temperature of the decay: log g = logsigmoid(W x + b) / tau.", default=1.0)
+    short_term: str = _doc(
+        "Update rule of the short-term memory: gla adds each write k v^T to the decayed state; delta (gated "
+        "delta rule) moves what key k reads a learned step beta towards v, so a write replaces what k held.",
+        default="gla",
+        choices=SHORT_TERM_RULES,
+    )
     selective_write: bool = _doc(
         "Mamba-2-style selection in the short-term memory: the decay g is computed from the convolved features "
         "and each token's write k v^T is scaled by (1 - g), so a token that keeps the state does not write to it.",
@@ -155,6 +163,11 @@ class MMRecConfig(ConfigMixin):
             f"need 0 < decay_min <= decay_max < 1, got {self.decay_min}, {self.decay_max}",
         )
         _require(self.decay_tau > 0, "decay_tau", f"must be > 0, got {self.decay_tau}")
+        _require(
+            self.short_term in SHORT_TERM_RULES,
+            "short_term",
+            f"must be one of {', '.join(SHORT_TERM_RULES)}, got {self.short_term!r}",
+        )
         _require(
             isinstance(self.selective_write, bool),
             "selective_write",
