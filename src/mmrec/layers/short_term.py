@@ -85,6 +85,7 @@ class ShortTermMixer(nn.Module):
         z = F.linear(gate_in, self.decay.weight, self.decay.bias)
         z = z if z.dtype == torch.float32 else z.float()
         if not self.sparse_write:
+            # x / 1 is x: one op fewer.
             return (F.logsigmoid(z) if self.tau == 1 else F.logsigmoid(z) / self.tau), None
         z, s = z.split(self.n_heads, dim=-1)
         gate = F.relu(s)
@@ -93,7 +94,7 @@ class ShortTermMixer(nn.Module):
         return F.logsigmoid(z) / self.tau * gate, gate
 
     def _delta_inputs(self, xc: Tensor, q: Tensor, k: Tensor, gate_in: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """The delta rule's q, k (unit norm, in the state's dtype), log g and beta [..., H] (in float32)."""
+        """The delta rule's unit q and k and beta [..., H] in the state's dtype, log g [..., H] in float32."""
         assert self.beta is not None
         acc = accumulation_dtype(q.dtype)
         q = F.normalize(q.to(acc), dim=-1) * self.head_dim**-0.5
@@ -107,10 +108,6 @@ class ShortTermMixer(nn.Module):
 
     def log_decay(self, gate_in: Tensor) -> Tensor:
         """log g_t per head, [B, T, H] in float32, from the gate input [B, T, d]."""
-        z = F.linear(gate_in, self.decay.weight, self.decay.bias)
-        z = z if z.dtype == torch.float32 else z.float()
-        if not self.sparse_write:
-            return F.logsigmoid(z) if self.tau == 1 else F.logsigmoid(z) / self.tau  # x / 1 is x: one op fewer
         return self._decay_and_gate(gate_in)[0]
 
     def forward(self, x: Tensor, S: Tensor, conv_tail: Tensor) -> tuple[Tensor, Tensor, Tensor]:
