@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -5,6 +7,18 @@ import torch
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+def pytest_xdist_auto_num_workers(config):  # noqa: ANN001, ANN201
+    """``-n auto``: one worker per core, at most 4 (the tests' models are tiny: more workers only add memory)."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def pytest_configure(config):  # noqa: ANN001, ANN201
+    # Each worker's own PyTorch ops share the cores with the other workers: one thread each, not one per core.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
