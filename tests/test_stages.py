@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
 from pathlib import Path
 from types import SimpleNamespace
+from typing import ClassVar
 
 import numpy as np
 import pytest
 import torch
 
 from mmrec import MMRecConfig, MMRecLM
+from mmrec.config import TransformerConfig
 from mmrec.data.prepare import prepare_dataset
 from mmrec.data.shards import load_dataset
 from mmrec.data.sources import parse_source
+from mmrec.models import TransformerLM
+from mmrec.models.state import TensorState
 from mmrec.stages import (
     KneserNey,
     StageThresholds,
@@ -30,6 +35,7 @@ from mmrec.stages import (
 )
 from mmrec.stages import tracker as tracker_mod
 from mmrec.stages.probes import build_knowledge_probes, window_hashes
+from mmrec.stages.tracker import warmup_slots
 from mmrec.tokenizer import ByteTokenizer
 
 WORD_TEXT = (
@@ -447,6 +453,8 @@ def test_tracker_end_to_end(dataset, tmp_path, monkeypatch):
         for name in ("kv", "induction"):
             assert metrics[f"{name}_acc"] == run_probe(model, tracker.probes[name])["acc"], name
         assert abs(metrics["window_loss"] - math.log(257)) < 0.05, metrics["window_loss"]
+        # MM-Rec carries its state: every window and cut piece starts from it, warmed on one window of other text.
+        assert metrics["context_warmup_tokens"] == tracker.L == 32
     assert model.training is False
     tracker.save(tmp_path / "run")
     data = json.loads((tmp_path / "run" / "stages.json").read_text())
@@ -509,3 +517,171 @@ def test_track_run_over_a_finished_training_run(tmp_path):
     assert (run / "stages.png").is_file() and (run / "stage_refs.json").is_file()
     # The data were prepared where the trainer keeps them, so a later run or call reuses them.
     assert any((tmp_path / "cache").iterdir())
+
+
+# Stage 3 from the same start for every model ---------------------------------------------------------------------
+@dataclasses.dataclass
+class _CountState(TensorState):
+    """A toy carried state: decayed counts of the tokens read, per stream."""
+
+    kind: ClassVar[str] = "toy_counts"
+    counts: torch.Tensor  # [1, B, V]
+
+    @property
+    def batch_key(self) -> str:
+        return self.kind
+
+
+class _Carried(torch.nn.Module):
+    """A toy model that carries its state from call to call, as MM-Rec does.
+
+    ``warm_only``: it ignores the text and predicts a fixed distribution once it has read ``settle`` tokens in
+    all (uniform before): only the start of its state matters. ``context``: it predicts from decayed counts of
+    the tokens it read, so it gains from a window's own text.
+    """
+
+    def __init__(self, kind: str, settle: int = 8, decay: float = 0.8) -> None:
+        super().__init__()
+        self.config = SimpleNamespace(vocab_size=257)
+        self.kind, self.settle, self.decay = kind, settle, decay
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+        bias = torch.zeros(257)
+        bias[[ord(c) for c in "abcdefghijklmnopqrstuvwxyz \n"]] = 4.0
+        self.register_buffer("bias", bias)
+
+    def forward(self, ids: torch.Tensor, state: _CountState | None = None) -> SimpleNamespace:
+        B, T = ids.shape
+        position = 0 if state is None else state.position
+        counts = torch.zeros(B, 257) if state is None else state.counts[0].clone()
+        logits = torch.zeros(B, T, 257)
+        for t in range(T):
+            counts = self.decay * counts + torch.nn.functional.one_hot(ids[:, t], 257).float()
+            if self.kind == "warm_only":
+                logits[:, t] = self.bias if position + t + 1 >= self.settle else 0.0
+            else:
+                logits[:, t] = torch.log(counts + 0.01)
+        return SimpleNamespace(logits=logits, state=_CountState(position=position + T, counts=counts[None]))
+
+
+@pytest.fixture(scope="module")
+def alphabet_dataset(tmp_path_factory):
+    """Documents each written in its own three letters: a window's own text tells which."""
+    tmp = tmp_path_factory.mktemp("alphabets")
+    rng = random.Random(1)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    (tmp / "corpus").mkdir()
+    for i in range(60):
+        own = rng.sample(letters, 3)
+        words = ["".join(rng.choice(own) for _ in range(rng.randint(2, 6))) for _ in range(120)]
+        (tmp / "corpus" / f"doc{i:03d}.txt").write_text(" ".join(words) + "\n")
+    prepare_dataset(
+        [parse_source(str(tmp / "corpus"))], ByteTokenizer(), tmp / "data", val_fraction=0.15, progress=False
+    )
+    return load_dataset(tmp / "data")
+
+
+def test_warmup_text_is_never_the_window_or_its_history_and_prefers_other_documents():
+    eot, L = 0, 9
+    # Five documents of 40 tokens (ids 1..), each preceded by eot: slots of 10 tokens.
+    stream = np.concatenate([np.concatenate([[eot], np.full(39, d + 1)]) for d in range(5)])
+    chosen = np.array([0, 3, 7, 12, 19])
+    picked, kind = warmup_slots(stream, L, chosen, eot, np.random.default_rng(0))
+    again, _ = warmup_slots(stream, L, chosen, eot, np.random.default_rng(0))
+    assert np.array_equal(picked, again), "the choice is seeded"
+    docs = np.cumsum(stream == eot)
+    for s, c, k in zip(chosen, picked, kind, strict=True):
+        assert c not in (s, s - 1) and k == 0
+        window_docs = set(docs[s * (L + 1) : (s + 1) * (L + 1)].tolist())
+        assert not window_docs & set(docs[c * (L + 1) : (c + 1) * (L + 1)].tolist())
+    # One document only: any slot but the window's own and the one before it; with two slots, none for the second.
+    one = np.concatenate([[eot], np.ones(59, dtype=np.int64)])
+    picked, kind = warmup_slots(one, L, np.array([2]), eot, np.random.default_rng(0))
+    assert picked[0] not in (1, 2) and kind[0] == 1
+    picked, kind = warmup_slots(one[:20], L, np.array([0, 1]), eot, np.random.default_rng(0))
+    assert picked.tolist() == [1, -1] and kind.tolist() == [1, 2]
+
+
+def test_a_warm_start_alone_shows_no_context_gain(alphabet_dataset):
+    """A model whose early losses differ only because its state starts cold gains nothing from context when every
+    window and piece starts warm; started cold (the measurement before issue 13) it seemed to gain > 1 nat."""
+    tok = ByteTokenizer()
+    kwargs = dict(n_probe=4, window_tokens=1024)
+    model = _Carried("warm_only", settle=8)
+    fair = StageTracker(alphabet_dataset, tok, eval_seq_len=32, **kwargs)
+    assert fair.L == 32 and fair.window_info["warmup"]["other_documents"] == len(fair.windows)
+    m = fair.measure(model, 1, 128)
+    assert m["context_warmup_tokens"] == 32
+    assert abs(m["context_gain"]) < 1e-9
+    assert m["context_excess"] == pytest.approx(-m["ngram_context_gain"], abs=1e-9)
+    old = StageTracker(alphabet_dataset, tok, eval_seq_len=32, warm_start=False, **kwargs)
+    m_old = old.measure(model, 1, 128)
+    assert m_old["context_warmup_tokens"] == 0 and m_old["context_gain"] > 1.0
+    # The n-gram reference is measured as before, and the choice of warm-up text is reproducible.
+    assert m["ngram_context_gain"] == m_old["ngram_context_gain"]
+    again = StageTracker(alphabet_dataset, tok, eval_seq_len=32, **kwargs)
+    assert np.array_equal(again.warmup, fair.warmup)
+    assert again.measure(model, 1, 128)["context_gain"] == m["context_gain"]
+
+
+def test_a_model_that_uses_the_window_still_gains_from_a_warm_start(alphabet_dataset):
+    tok = ByteTokenizer()
+    tracker = StageTracker(alphabet_dataset, tok, eval_seq_len=32, n_probe=4, window_tokens=1024)
+    m = tracker.measure(_Carried("context"), 1, 128)
+    # Warmed on another document's letters, a cut piece starts out predicting the wrong ones.
+    assert m["context_warmup_tokens"] == 32 and m["context_gain"] > 0.5, m["context_gain"]
+    assert m["context_excess"] > 0.1, m
+
+
+def test_models_without_a_carried_state_are_measured_as_before(alphabet_dataset):
+    """A Transformer starts every window with an empty cache either way: the numbers do not change."""
+    tok = ByteTokenizer()
+    cfg = TransformerConfig(vocab_size=257, d_model=32, n_layers=1, n_heads=2, preset="llama")
+    torch.manual_seed(0)
+    model = TransformerLM(cfg).eval()
+    kwargs = dict(n_probe=4, window_tokens=512)
+    new = StageTracker(alphabet_dataset, tok, eval_seq_len=32, **kwargs).measure(model, 1, 128)
+    old = StageTracker(alphabet_dataset, tok, eval_seq_len=32, warm_start=False, **kwargs).measure(model, 1, 128)
+    assert new["context_warmup_tokens"] == 0
+    for key in ("context_gain", "context_excess", "window_loss", "loss_early"):
+        assert new[key] == old[key], key
+
+
+def test_restored_history_measured_cold_does_not_decide_stage_3_for_a_warmed_model(dataset, tmp_path):
+    tok = ByteTokenizer()
+    kwargs = dict(n_probe=4, window_tokens=512)
+    old = StageTracker(dataset, tok, eval_seq_len=32, warm_start=False, **kwargs)
+    old.measure(_Carried("warm_only"), 1, 128)
+    old.history[0].pop("context_warmup_tokens")  # as written before issue 13
+    old.save(tmp_path)
+    new = StageTracker(dataset, tok, eval_seq_len=32, **kwargs)
+    assert new.restore(tmp_path) == 1
+    new.measure(_Carried("warm_only"), 2, 256)
+    first = new.history[0]
+    assert math.isnan(first["context_gain"]) and math.isnan(first["context_excess"])
+    assert not math.isnan(first["window_loss"])
+    # For a model that starts from nothing either way, the restored numbers stand.
+    cold = StageTracker(dataset, tok, eval_seq_len=32, **kwargs)
+    cold.restore(tmp_path)
+    cold.measure(_Oracle(tok.vocab_size, "uniform"), 2, 256)
+    assert cold.history[0]["context_warmup_tokens"] == 0 and not math.isnan(cold.history[0]["context_gain"])
+
+
+def test_windows_without_other_validation_text_warm_up_on_training_text(dataset, monkeypatch):
+    """Validation text of one or two documents leaves some windows nothing unrelated to read: training text
+    (which never holds a validation document) takes its place, a seeded choice."""
+    tok = ByteTokenizer()
+
+    def none_left(stream, L, chosen, eot_id, rng):
+        return np.full(len(chosen), -1), np.full(len(chosen), 2)
+
+    monkeypatch.setattr(tracker_mod, "warmup_slots", none_left)
+    tracker = StageTracker(dataset, tok, eval_seq_len=32, n_probe=4, window_tokens=256)
+    assert tracker.window_info["warmup"]["training_text"] == len(tracker.windows) == 8
+    train = b"".join(
+        bytes(src.train.doc(i).astype(np.uint8)) for src in dataset.sources.values() for i in range(src.train.n_docs)
+    )
+    for row in tracker.warmup:
+        text = bytes(row[row != tok.eot_id].astype(np.uint8))
+        assert text[:8] in train
+    again = StageTracker(dataset, tok, eval_seq_len=32, n_probe=4, window_tokens=256)
+    assert np.array_equal(again.warmup, tracker.warmup)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,8 @@ def plot_stages(data: dict[str, Any], path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    curve = [c for c in data.get("curve", []) if c.get("val_bpb") is not None]
+    # A point measured without a validation loss (NaN, or null once written) is not drawn.
+    curve = [c for c in data.get("curve", []) if c.get("val_bpb") is not None and math.isfinite(c["val_bpb"])]
     history = data.get("history", [])
     xs = [c["tokens"] for c in curve] + [h["tokens"] for h in history]
     positive = [x for x in xs if x and x > 0]
