@@ -1,11 +1,12 @@
 """The associative long-term memory: chunked == naive == step (outputs, states, gradients), causal by
-chunk, splits equal the whole, and it stores key -> value associations."""
+chunk, splits equal the whole, and it stores key -> value associations; its layer likewise."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import rel_err
+from mmrec.layers.assoc_memory import AssociativeMemory
 from mmrec.ops.assoc import (
     AssocState,
     assoc_chunked,
@@ -281,3 +282,79 @@ def test_bad_shapes_chunk_sizes_and_counts_are_refused_by_name():
         assoc_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], g[:, :, 0], b[:, :, 0], state._replace(n_pending=(1, 2, 3)))
     with pytest.raises(ValueError, match="chunk_size must be"):
         assoc_chunked(q, k, v, g, b, chunk_size=0)
+
+
+def _layer(dtype=torch.float64, **kw):
+    layer = AssociativeMemory(d_model=12, heads=3, chunk_size=C, **kw).to(dtype)
+    with torch.no_grad():  # a trained-looking layer: the zero output projection would hide everything
+        layer.out.weight.normal_()
+        layer.decay.weight.normal_(0.0, 0.3)
+    return layer
+
+
+def test_layer_starts_as_the_identity_of_the_residual_stream():
+    layer = AssociativeMemory(d_model=12, heads=3, chunk_size=C).double()
+    x = torch.randn(2, 3 * C + 1, 12, dtype=torch.float64)
+    y, _ = layer(x)
+    assert torch.equal(y, torch.zeros_like(y))
+    y.sum().backward()
+    assert layer.out.weight.grad is not None and layer.out.weight.grad.abs().sum() > 0
+    # The per-chunk decays start spread over heads, decay_min to decay_max, whatever the token.
+    per_chunk = torch.sigmoid(layer.decay.bias.double())
+    assert torch.allclose(per_chunk[[0, -1]], torch.tensor([0.9, 0.999], dtype=torch.float64), atol=1e-6)
+    assert torch.equal(layer.decay.weight, torch.zeros_like(layer.decay.weight))
+
+
+def test_layer_step_and_pieces_equal_the_whole():
+    layer = _layer()
+    T = 3 * C + 5
+    x = torch.randn(2, T, 12, dtype=torch.float64)
+    whole, s_whole = layer(x)
+    assert whole.abs().sum() > 0
+    state, outs = layer.init_state(2, dtype=torch.float64), []
+    for t in range(T):
+        y, state = layer.step(x[:, t], state)
+        outs.append(y)
+    assert rel_err(torch.stack(outs, 1), whole) < 1e-12
+    state, outs = None, []
+    for lo, hi in ((0, 3), (3, 4), (4, C + 2), (C + 2, T)):
+        y, state = layer(x[:, lo:hi], state)
+        outs.append(y)
+    assert rel_err(torch.cat(outs, 1), whole) < 1e-12
+    for s in (state, s_whole):
+        assert s.n_pending == T % C
+    for field, a, b in zip(FIELDS, state.tensors, s_whole.tensors, strict=True):
+        assert rel_err(a, b) < 1e-12, field
+
+
+def test_layer_gradients_reach_every_parameter_and_stay_causal():
+    layer = _layer()
+    x = torch.randn(2, 3 * C, 12, dtype=torch.float64, requires_grad=True)
+    y, _ = layer(x)
+    y[:, C + 2].sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.parameters())
+    assert torch.count_nonzero(x.grad[:, C + 3 :]) == 0
+    assert torch.count_nonzero(x.grad[:, C : C + 2]) == 0  # its chunk's earlier tokens: not yet written
+
+
+def test_layer_float32_state_size_and_default_bytes():
+    layer = AssociativeMemory(d_model=256, heads=4)
+    state = layer.init_state(1)
+    assert state.memory.shape == (1, 4, 64, 64) and state.keys.shape == (1, 4, 64, 64)
+    assert sum(t.numel() * t.element_size() for t in state.tensors) == layer.state_bytes() == 198_656
+    x = torch.randn(2, 70, 256)
+    y, s = layer(x)
+    assert y.dtype == torch.float32 and s.memory.dtype == torch.float32 and s.n_pending == 70 % 64
+
+
+def test_layer_under_bf16_autocast_keeps_a_float32_state():
+    layer = _layer(torch.float32)
+    x = torch.randn(2, 2 * C + 3, 12)
+    y_ref, s_ref = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, s = layer(x)
+        y_step, s_step = layer.step(x[:, 0], s)
+    assert y.dtype == y_step.dtype == torch.bfloat16
+    assert all(t.dtype == torch.float32 for t in (*s.tensors, *s_step.tensors))
+    assert rel_err(y.float(), y_ref) < 3e-2
+    assert rel_err(s.memory, s_ref.memory) < 3e-2
