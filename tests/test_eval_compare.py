@@ -167,6 +167,8 @@ def test_compare_micro_end_to_end(tmp_path):
         "Findings",
         "bytes carried at 32K context",
         "fitted exponent",
+        "| MM-Rec | state warmed on 128 tokens of unrelated text |",
+        "| LLaMA-style | empty context |",
     ):
         assert name in report, name
     for fig in ("loss_curves.png", "stage_timeline.png", "bpb_by_position.png", "speed_memory.png"):
@@ -357,3 +359,31 @@ def test_a_failing_gpu_test_fails_the_gpu_scripts(tmp_path):
     failed = _run_gpu_script(tmp_path, "gpu_synth.sh", STUB_PYTEST_RC="1", **synth)
     assert failed.returncode == 1 and "gpu_tests (exit 1)" in failed.stderr
     assert (tmp_path / "out" / "summary.md").is_file()  # the summary is written all the same
+
+
+def test_report_states_how_each_model_started_the_stage_3_windows(tmp_path):
+    from mmrec.compare import stage3_measured_cold
+    from mmrec.report import context_gain_lines
+    from mmrec.train.config import TrainConfig
+
+    row = {"context_gain": 0.1, "ngram_context_gain": 0.05, "context_excess": 0.05, "context_excess_se": 0.01}
+    stages = {
+        "mmrec": {"history": [row | {"context_warmup_tokens": 512.0}]},
+        "llama": {"history": [row | {"context_warmup_tokens": 0.0}]},
+        "gpt": {"history": [row]},  # a stages.json written before issue 13
+        "mistral": None,
+    }
+    text = "\n".join(context_gain_lines(stages, ["mmrec", "llama", "gpt", "mistral"]))
+    assert "| MM-Rec | state warmed on 512 tokens of unrelated text | 0.100 | 0.050 | 0.050 +- 0.010 |" in text
+    assert "| LLaMA-style | empty context |" in text
+    assert "| GPT-style | from a fresh state (measured before issue 13" in text
+    assert "| Mistral-style | not tracked |" in text
+    # A reused MM-Rec run whose stages.json predates the warm start is found, so compare can say so.
+    run = tmp_path / "mmrec"
+    run.mkdir()
+    cfg = TrainConfig.from_flat({"arch": "mmrec", "out": str(run)})
+    assert not stage3_measured_cold(run, cfg)
+    (run / "stages.json").write_text(json.dumps({"history": [row]}))
+    assert stage3_measured_cold(run, cfg)
+    (run / "stages.json").write_text(json.dumps({"history": [row | {"context_warmup_tokens": 512.0}]}))
+    assert not stage3_measured_cold(run, cfg)

@@ -202,6 +202,12 @@ def _train_all(configs: dict[str, TrainConfig], log: Any) -> dict[str, dict[str,
         done = run / "summary.json"
         if done.is_file() and list_checkpoints(run):
             log(f"[{LABELS[key]}] already trained in {run}; reusing it")
+            if stage3_measured_cold(run, cfg):
+                log(
+                    f"[{LABELS[key]}] its stages.json measured stage 3 from a fresh state (before every model "
+                    "started each window from the same condition, issue 13); the report shows it as measured. "
+                    f"`mmrec stages {run}` measures its kept checkpoints again."
+                )
             summaries[key] = json.loads(done.read_text())
             continue
         if list_checkpoints(run):
@@ -209,6 +215,19 @@ def _train_all(configs: dict[str, TrainConfig], log: Any) -> dict[str, dict[str,
         log(f"[{LABELS[key]}] training -> {run}")
         summaries[key] = Trainer(cfg).fit()
     return summaries
+
+
+def stage3_measured_cold(run: Path, cfg: TrainConfig) -> bool:
+    """Whether a carried-state run's stages.json holds stage-3 numbers measured before windows started warm
+    (its history rows lack ``context_warmup_tokens``): a reused run's report would show the old measurement."""
+    path = run / "stages.json"
+    if cfg.arch != "mmrec" or not path.is_file():
+        return False
+    try:
+        history = json.loads(path.read_text()).get("history") or []
+    except (OSError, ValueError):
+        return False
+    return any("context_warmup_tokens" not in row for row in history)
 
 
 def _measure_speed(

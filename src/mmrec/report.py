@@ -345,6 +345,7 @@ def _report_lines(
                 r = next((x for x in st["stages"] if x["id"] == rec["id"]), None) if st else None
                 cells.append(f"step {r['step']} ({r['tokens']:,} tokens)" if r and r["reached"] else "not reached")
             lines.append(f"| {rec['id']}. {rec['name']} | {rec['criterion']} | " + " | ".join(cells) + " |")
+        lines += ["", *context_gain_lines(stages, keys)]
     if figures.get("stage_timeline.png"):
         lines += ["", "![stage timeline](stage_timeline.png)"]
     if figures.get("loss_curves.png"):
@@ -413,6 +414,42 @@ def _report_lines(
         + ", ".join(f"`{runs[k]}`" for k in keys)
         + ".",
     ]
+    return lines
+
+
+def context_start_text(row: dict[str, Any]) -> str:
+    """How a stage-3 measurement started each window and cut piece, from its ``context_warmup_tokens``."""
+    if "context_warmup_tokens" not in row:
+        return "from a fresh state (measured before issue 13: not comparable for MM-Rec)"
+    warm = row["context_warmup_tokens"]
+    if warm is None or not math.isfinite(warm):
+        return "not measured"
+    return f"state warmed on {int(warm):,} tokens of unrelated text" if warm > 0 else "empty context"
+
+
+def context_gain_lines(stages: dict[str, Any], keys: list[str]) -> list[str]:
+    """Stage 3's numbers at each model's last evaluation, with how each window started."""
+    lines = [
+        "Stage 3 at the last evaluation (nats/token, mean over windows; excess +- its standard error). Every model "
+        "starts each window and each cut piece without history of its own, as it was trained to start a window: "
+        "a Transformer with an empty KV cache, MM-Rec with its state after one window of unrelated text "
+        "(validation text of other documents); the n-gram model with its context cut.",
+        "",
+        "| model | window start | context gain | n-gram's gain | excess |",
+        "|---|---|---|---|---|",
+    ]
+    for k in keys:
+        st = stages.get(k)
+        history = (st or {}).get("history") or []
+        if not history:
+            lines.append(f"| {LABELS[k]} | not tracked | - | - | - |")
+            continue
+        row = history[-1]
+        excess = f"{_fmt(row.get('context_excess'))} +- {_fmt(row.get('context_excess_se'))}"
+        lines.append(
+            f"| {LABELS[k]} | {context_start_text(row)} | {_fmt(row.get('context_gain'))} | "
+            f"{_fmt(row.get('ngram_context_gain'))} | {excess} |"
+        )
     return lines
 
 
