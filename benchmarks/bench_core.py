@@ -3,6 +3,7 @@
     python benchmarks/bench_core.py                       # CPU, the grid
     python benchmarks/bench_core.py --device cuda --dtype bf16 --lengths 2048 8192 32768 65536
     python benchmarks/bench_core.py --lengths --threads 1 --decode-steps 200   # the decoding table only
+    python benchmarks/bench_core.py --lengths --threads 1 --decode-steps 200 --compile-decoding  # + compiled
 
 Training: forward + backward + AdamW step on random byte ids, ``--tokens``
 tokens per step (batch = tokens // T, at least 1), median over ``--steps``
@@ -16,6 +17,8 @@ MM-Rec / Transformer; nothing here is asserted (machines are shared and noisy).
 from __future__ import annotations
 
 import argparse
+import copy
+import time
 
 import torch
 
@@ -43,7 +46,12 @@ def main() -> None:
         default=None,
         help="skip the Transformer's training at lengths above this (it is O(T^2))",
     )
-    p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument("--compile", action="store_true", help="torch.compile both models (training table)")
+    p.add_argument(
+        "--compile-decoding",
+        action="store_true",
+        help="add a column: MM-Rec decoding through MMRecLM.compile_decoding (compiled before the table)",
+    )
     args = p.parse_args()
     malloc_tuned = tune_glibc_malloc()
     if args.threads:
@@ -81,18 +89,30 @@ def main() -> None:
         f"\nDecoding one token per stream after a context (ms per step, median of {args.decode_steps}; "
         "aggregate tokens/s; state bytes of all streams)\n"
     )
+    compiled = None
+    if args.compile_decoding:
+        compiled = copy.deepcopy(mm)
+        t0 = time.perf_counter()
+        compiled.compile_decoding(warm_up=tuple(args.decode_batches))
+        print(f"(MM-Rec's decoding step compiled in {time.perf_counter() - t0:.0f} s)\n")
+    extra = " MM-Rec compiled ms | compiled tok/s |" if compiled is not None else ""
     print(
-        "| context | streams | MM-Rec ms | MM-Rec tok/s | Transformer ms | Transformer tok/s "
+        "| context | streams | MM-Rec ms | MM-Rec tok/s |" + extra + " Transformer ms | Transformer tok/s "
         "| MM-Rec state | KV cache |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|" + ("---|---|" if compiled is not None else "") + "---|---|---|---|")
     for ctx in args.contexts:
         for batch in args.decode_batches:
-            # Decoding always runs eagerly: compiled graphs would recompile for every cache length.
+            # Eager decoding (and the compiled MM-Rec step, if asked): the Transformer's whole-model graph
+            # would recompile for every cache length.
             mm_dec = decode_latency(mm, ctx, args.decode_steps, device, dtype, batch=batch)
+            cols = ""
+            if compiled is not None:
+                c_dec = decode_latency(compiled, ctx, args.decode_steps, device, dtype, batch=batch)
+                cols = f" {c_dec['ms_per_token']:.2f} | {c_dec['tokens_per_s']:,.0f} |"
             tf_dec = decode_latency(tf, ctx, args.decode_steps, device, dtype, batch=batch)
             print(
-                f"| {ctx:,} | {batch} | {mm_dec['ms_per_token']:.2f} | {mm_dec['tokens_per_s']:,.0f} | "
+                f"| {ctx:,} | {batch} | {mm_dec['ms_per_token']:.2f} | {mm_dec['tokens_per_s']:,.0f} |{cols} "
                 f"{tf_dec['ms_per_token']:.2f} | {tf_dec['tokens_per_s']:,.0f} | "
                 f"{mm_dec['state_bytes'] / 2**20:.2f} MiB | {tf_dec['state_bytes'] / 2**20:.1f} MiB |",
                 flush=True,

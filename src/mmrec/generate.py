@@ -29,6 +29,7 @@ def run_generate(
     state_in: str | None = None,
     state_out: str | None = None,
     out: TextIO = sys.stdout,
+    compile: bool = False,
 ) -> str:
     """Generate after ``prompt`` and write the text to ``out`` as it comes; returns the generated text."""
     dev = torch.device(
@@ -37,6 +38,10 @@ def run_generate(
     lm = load_checkpoint(checkpoint, dev)
     tok = lm.tokenizer
     model: Any = lm.model  # MMRecLM or TransformerLM: one call signature
+    if compile:
+        if not hasattr(model, "compile_decoding"):
+            raise ValueError(f"--compile: only MM-Rec's decoding step has a compiled path; {lm.arch} runs eager")
+        model.compile_decoding(warm_up=(1,))
     ids = tok.encode(prompt)
     if not ids:
         raise ValueError("--prompt is empty: give at least one character to continue from")

@@ -374,6 +374,11 @@ class GenerateOptions:
     device: str = _doc(DEVICE_HELP, default="auto")
     state_in: str | None = _doc("Continue the session saved in this state file.", default=None)
     state_out: str | None = _doc("Save the state after this call (safetensors).", default=None)
+    compile: bool = _doc(
+        "Decode through torch.compile (MM-Rec only; needs a C++ compiler on the CPU): pays off for long "
+        "generations, the first token waits for the compiler (10-60 s).",
+        default=False,
+    )
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.prompt_file is None):
@@ -412,6 +417,7 @@ def _generate(opts: GenerateOptions) -> int:
         opts.device,
         opts.state_in,
         opts.state_out,
+        compile=opts.compile,
     )
     return 0
 

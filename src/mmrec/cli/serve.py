@@ -40,6 +40,11 @@ class ServeOptions:
         group="limits",
     )
     device: str = _doc(DEVICE_HELP, default="auto")
+    compile: bool = _doc(
+        "Decode through torch.compile (MM-Rec only; needs a C++ compiler on the CPU): compiled at start "
+        "(about a minute), then 1.5-2.5x fewer ms per token (docs/serving.md).",
+        default=False,
+    )
     log_level: str = _doc(
         "Server log level.", default="info", choices=("critical", "error", "warning", "info", "debug")
     )
@@ -76,6 +81,7 @@ def _serve(opts: ServeOptions) -> int:
         limits=limits,
         device=str(resolve_device(opts.device)),
         log_level=opts.log_level,
+        compile=opts.compile,
     )
     return 0
 

@@ -21,6 +21,8 @@ def rms_norm_step(x: Tensor, weight: Tensor | None, eps: float | None) -> Tensor
     of seven small kernels: 38 us for one token of d=256 against 24 us here (2-core VM, 1 thread)."""
     eps = torch.finfo(x.dtype).eps if eps is None else eps  # F.rms_norm's default
     n = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    if torch.compiler.is_compiling():  # the compiler fuses it all; a cached tensor would be a graph constant
+        return (x * torch.rsqrt(n * n / x.size(-1) + eps)) * (1 if weight is None else weight)
     y = x * torch.rsqrt(torch.addcmul(_scalar(eps, x.device), n, n, value=1 / x.size(-1)))
     return y if weight is None else y * weight
 

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmrec.config import MMRecConfig
-from mmrec.ops import MemoryParams, MemoryState, memory_read, memory_read_step, memory_write
+from mmrec.ops import MemoryParams, MemoryState, memory_read, memory_write
+from mmrec.ops.memory import memory_read_step_masked, step_blocked
 
 
 class MemoryOutput(NamedTuple):
@@ -145,50 +146,74 @@ class LongTermMemory(nn.Module):
         position: int | tuple[int, ...],
     ) -> MemoryOutput:
         """One token per stream (decoding), x [B, d] -> y [B, d]: the same read and write as the chunked
-        path, in fewer ops. ``position``: one for all streams, or one per stream."""
-        C = self.chunk_size
-        params = self.params()
+        path, in fewer ops. ``position``: one for all streams, or one per stream. The three parts
+        (:func:`decode_masks`, :meth:`read_step` with the pending update, :meth:`write_rows`) are
+        what the model's decoding step calls, its layers' reads first and the writes after."""
+        keep, row, blocked, done = decode_masks(position, self.chunk_size, self.n_slots, self.window, pending)
+        y = self.read_step(x, memory, summaries, sequence, blocked)
+        pending = torch.addcmul(pending * keep, row, x.unsqueeze(1))
+        return MemoryOutput(y, *self.write_rows(pending, memory, summaries, sequence, done, x.dtype))
+
+    def read_step(
+        self, x: Tensor, memory: Tensor, summaries: Tensor, sequence: Tensor, blocked: Tensor | None
+    ) -> Tensor:
+        """The read of one token per stream, x [B, d] -> y [B, d] (after the output projection);
+        ``blocked`` from :func:`decode_masks`."""
         state = MemoryState(memory, summaries, sequence)
-        completed = position // C if isinstance(position, int) else tuple(p // C for p in position)
-        o = memory_read_step(x, state, params, self.heads, completed=completed)  # [B, d_mem]
-        y = F.linear(o, self.out.weight)
-        if not isinstance(position, int):
-            return MemoryOutput(y, *self._write_rows(x, state, pending, position))
+        o = memory_read_step_masked(
+            x, state, self.read_q.weight, self.read_kv.weight, self.null_entry, self.heads, blocked
+        )
+        return F.linear(o, self.out.weight)
 
-        r = position % C
-        # A new tensor: the chunk's earlier rows, the token in its row, zeros after it as the chunked path
-        # leaves them (whatever the rows from r on held before).
-        keep, row = _pending_masks(C, r, pending.device, pending.dtype)
-        pending = torch.addcmul(pending * keep, row, x.unsqueeze(1))  # x * 1 + 0 is x: exact
-        if r + 1 < C:
-            return MemoryOutput(y, memory, summaries, sequence, pending)
-        # This token completes the chunk: write it.
-        chunk = pending.to(x.dtype).unsqueeze(1)  # [B, 1, C, d]
-        _, final = memory_write(chunk, state, params, self.heads, self.scan_block)
-        memory, summaries, sequence = (f.to(t.dtype) for f, t in zip(final, state, strict=True))
-        return MemoryOutput(y, memory, summaries, sequence, torch.zeros_like(pending))
-
-    def _write_rows(
-        self, x: Tensor, state: MemoryState, pending: Tensor, positions: tuple[int, ...]
+    def write_rows(
+        self,
+        pending: Tensor,
+        memory: Tensor,
+        summaries: Tensor,
+        sequence: Tensor,
+        done: list[int] | None,
+        dtype: torch.dtype,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """The write side of one token [B, d] for streams at different positions: each stream's token
-        goes to its own row of ``pending``; the streams whose chunk this token completes (known here
-        from the positions, no device sync) are written together and scattered back."""
-        C, device = self.chunk_size, x.device
-        rows = torch.arange(len(positions), device=device)
-        offsets = torch.tensor([p % C for p in positions], device=device)
-        after = torch.arange(C, device=device) >= offsets.unsqueeze(1)  # [B, C]: this token's row and later
-        pending = pending.masked_fill(after.unsqueeze(-1), 0.0)  # a new tensor: the caller's is kept
-        pending = pending.index_put((rows, offsets), x.to(pending.dtype))
-        memory, summaries, sequence = state
-        done = [b for b, p in enumerate(positions) if p % C == C - 1]
-        if done:
-            idx = torch.tensor(done, device=device)
-            entering = MemoryState(*(t.index_select(0, idx) for t in state))
-            chunk = pending.index_select(0, idx).to(x.dtype).unsqueeze(1)  # [len(done), 1, C, d]
-            _, final = memory_write(chunk, entering, self.params(), self.heads, self.scan_block)
-            memory, summaries, sequence = (
-                t.index_copy(0, idx, f.to(t.dtype)) for t, f in zip(state, final, strict=True)
-            )
-            pending = pending.index_fill(0, idx, 0.0)
-        return memory, summaries, sequence, pending
+        """Write the completed chunks held in ``pending`` [B, C, d] into the memory of the streams
+        ``done`` (from :func:`decode_masks`: [] none, None all) and empty their ``pending``; the chunk
+        is written in ``dtype`` (the tokens' dtype). The streams not written keep their tensors."""
+        if done is not None and not done:
+            return memory, summaries, sequence, pending
+        state = MemoryState(memory, summaries, sequence)
+        if done is None:
+            _, final = memory_write(pending.to(dtype).unsqueeze(1), state, self.params(), self.heads, self.scan_block)
+            memory, summaries, sequence = (f.to(t.dtype) for f, t in zip(final, state, strict=True))
+            return memory, summaries, sequence, torch.zeros_like(pending)
+        idx = torch.tensor(done, device=pending.device)
+        entering = MemoryState(*(t.index_select(0, idx) for t in state))
+        chunk = pending.index_select(0, idx).to(dtype).unsqueeze(1)  # [len(done), 1, C, d]
+        _, final = memory_write(chunk, entering, self.params(), self.heads, self.scan_block)
+        memory, summaries, sequence = (t.index_copy(0, idx, f.to(t.dtype)) for t, f in zip(state, final, strict=True))
+        return memory, summaries, sequence, pending.index_fill(0, idx, 0.0)
+
+
+def decode_masks(
+    position: int | tuple[int, ...], chunk_size: int, n_slots: int, window: int, pending: Tensor
+) -> tuple[Tensor, Tensor, Tensor | None, list[int] | None]:
+    """What one decoding step of streams at ``position`` (one for all, or one per stream) needs to know
+    of the positions, worked out on the host (no device sync) and shared by every layer:
+
+    - ``keep``, ``row`` ([1 or B, C, 1], ``pending``'s dtype): the step's pending buffer is
+      ``pending * keep + row * x``: the chunk's earlier rows, the token in its row, zeros after it (as
+      the chunked path leaves them, whatever the rows from there on held before);
+    - ``blocked`` ([1 or B, 1, E] or None): entries a stream may not read (FIFO entries of chunks
+      that never existed);
+    - ``done``: the streams whose chunk this token completes (None: all of them; [] none).
+    """
+    C = chunk_size
+    if isinstance(position, int):
+        r = position % C
+        keep, row = _pending_masks(C, r, pending.device, pending.dtype)
+        blocked = step_blocked(position // C, n_slots, window, pending.device)
+        return keep, row, blocked, (None if r == C - 1 else [])
+    offsets = torch.tensor([p % C for p in position], device=pending.device).view(-1, 1, 1)
+    rows = torch.arange(C, device=pending.device).view(1, C, 1)
+    keep, row = (rows < offsets).to(pending.dtype), (rows == offsets).to(pending.dtype)
+    blocked = step_blocked(tuple(p // C for p in position), n_slots, window, pending.device)
+    done = [b for b, p in enumerate(position) if p % C == C - 1]
+    return keep, row, blocked, (None if len(done) == len(position) else done)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, cast
 
@@ -12,12 +13,18 @@ from torch import Tensor, nn
 
 from mmrec.config import MMRecConfig
 from mmrec.layers.basic import SwiGLU, rms_norm_step
-from mmrec.layers.memory import LongTermMemory
+from mmrec.layers.memory import LongTermMemory, decode_masks
 from mmrec.layers.short_term import ShortTermMixer
 from mmrec.models.generation import GenerationMixin
 from mmrec.models.output import LMOutput, check_input_ids, lm_loss
 from mmrec.models.state import MMRecState, Position, StateError, position_problem
 from mmrec.ops.scan import accumulation_dtype
+
+
+@functools.lru_cache(maxsize=64)
+def _nothing_blocked(batch: int, entries: int, device: torch.device) -> Tensor:
+    """An all-False read mask [batch, 1, entries] (kept; only read)."""
+    return torch.zeros(batch, 1, entries, dtype=torch.bool, device=device)
 
 
 class MMRecBlock(nn.Module):
@@ -57,24 +64,32 @@ class MMRecBlock(nn.Module):
         return x, new
 
     def step(
-        self, x: Tensor, st: tuple[Tensor, ...], position: Position, fresh: bool = False
-    ) -> tuple[Tensor, tuple[Tensor, ...]]:
-        """One token per stream (decoding): x [B, d]; ``st`` this block's (short, conv, memory, summaries,
-        sequence, pending), returned new in that order. The maths of :meth:`forward`, called as plain
-        functions: at one token the time goes to per-op overhead, not arithmetic."""
-        short, conv, memory, summaries, sequence, pending = st
+        self,
+        x: Tensor,
+        short: Tensor,
+        conv: Tensor,
+        memory: Tensor,
+        summaries: Tensor,
+        sequence: Tensor,
+        pending: Tensor,
+        keep: Tensor,
+        row: Tensor,
+        blocked: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """One token per stream (decoding), x [B, d], without the memory's chunk write: returns x and the
+        new (short, conv, pending); ``keep``, ``row``, ``blocked`` from
+        :func:`~mmrec.layers.memory.decode_masks`. The maths of :meth:`forward`, called as plain
+        functions (at one token the time goes to per-op overhead, not arithmetic), with no Python
+        branch on positions: the caller writes completed chunks after all layers have read."""
         n1, n2, n3 = self.norm1, self.norm2, self.norm3
         y, short, conv = self.short_term.step(rms_norm_step(x, n1.weight, n1.eps), short, conv)
         x = x + y
-        if fresh:  # a copy: FSDP2 frees the gathered parameter after the block, and a state may outlive it
-            memory = self.memory.memory_init.to(memory.dtype).expand_as(memory).clone()
-        long_term = self.memory.step(
-            rms_norm_step(x, n2.weight, n2.eps), memory, summaries, sequence, pending, position
-        )
-        x = x + long_term.y
+        h = rms_norm_step(x, n2.weight, n2.eps)
+        x = x + self.memory.read_step(h, memory, summaries, sequence, blocked)
+        pending = torch.addcmul(pending * keep, row, h.unsqueeze(1))
         gate, up = F.linear(rms_norm_step(x, n3.weight, n3.eps), self.mlp.w13.weight).chunk(2, -1)
         x = x + F.linear(F.silu(gate) * up, self.mlp.w2.weight)
-        return x, (short, conv, *long_term[1:])
+        return x, short, conv, pending
 
 
 class MMRecLM(nn.Module, GenerationMixin):
@@ -90,6 +105,7 @@ class MMRecLM(nn.Module, GenerationMixin):
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.blocks = nn.ModuleList(MMRecBlock(config) for _ in range(config.n_layers))
         self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self._compiled_reads: Any = None  # set by compile_decoding
         self.reset_parameters()
 
     @property
@@ -230,15 +246,85 @@ class MMRecLM(nn.Module, GenerationMixin):
     def _step_hidden(
         self, ids: Tensor, state: MMRecState, position: Position, fresh: bool
     ) -> tuple[Tensor, MMRecState]:
-        """:meth:`hidden_states` of one token per stream, ids [B]: per-layer state tensors passed as
-        tuples and stacked once per field, the blocks' one-token paths."""
+        """:meth:`hidden_states` of one token per stream, ids [B]: every layer reads (:meth:`_decode_reads`,
+        compiled after :meth:`compile_decoding`), then the streams whose chunk this token completes are
+        written, layer by layer."""
+        c = self.config
+        memory = state.memory
+        if fresh:  # a copy: a state may outlive the parameter
+            memory = torch.stack([blk.memory.memory_init.to(memory.dtype) for blk in self.layers])
+            memory = memory.unsqueeze(1).expand_as(state.memory).clone()
+        keep, row, blocked, done = decode_masks(position, c.chunk_size, c.mem_slots, c.summary_window, state.pending)
+        reads = self._decode_reads
+        if self._compiled_reads is not None:
+            reads = self._compiled_reads
+            if blocked is None:  # one graph whether or not a stream may read everything
+                blocked = _nothing_blocked(
+                    1 if isinstance(position, int) else len(position),
+                    memory.size(2) + c.summary_window + 2,
+                    memory.device,
+                )
+        hidden, short, conv, pending = reads(
+            ids, state.short, state.conv, memory, state.summaries, state.sequence, state.pending, keep, row, blocked
+        )
+        summaries, sequence = state.summaries, state.sequence
+        if done is None or done:
+            dtype = self.embed.weight.dtype
+            written = [
+                blk.memory.write_rows(pending[i], memory[i], summaries[i], sequence[i], done, dtype)
+                for i, blk in enumerate(self.layers)
+            ]
+            memory, summaries, sequence, pending = (torch.stack(ts) for ts in zip(*written, strict=True))
+        new_position = position + 1 if isinstance(position, int) else tuple(p + 1 for p in position)
+        return hidden.unsqueeze(1), MMRecState(new_position, short, conv, memory, summaries, sequence, pending)
+
+    def _decode_reads(
+        self,
+        ids: Tensor,
+        short: Tensor,
+        conv: Tensor,
+        memory: Tensor,
+        summaries: Tensor,
+        sequence: Tensor,
+        pending: Tensor,
+        keep: Tensor,
+        row: Tensor,
+        blocked: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The final normed hidden state [B, d] of one token per stream and the stacked new short, conv
+        and pending: all of a decoding step but the chunk writes, no Python branch on positions."""
         x = F.embedding(ids, self.embed.weight)  # [B, d]
-        fields = (state.short, state.conv, state.memory, state.summaries, state.sequence, state.pending)
-        per_layer = []
-        for block, st in zip(self.layers, zip(*(t.unbind(0) for t in fields), strict=True), strict=True):
-            x, new = block.step(x, st, position, fresh)
-            per_layer.append(new)
-        stacked = [torch.stack(ts) for ts in zip(*per_layer, strict=True)]
-        new_state = MMRecState(position + 1 if isinstance(position, int) else tuple(p + 1 for p in position), *stacked)
+        shorts, convs, pendings = [], [], []
+        for i, block in enumerate(self.layers):
+            x, s, cv, p = block.step(
+                x, short[i], conv[i], memory[i], summaries[i], sequence[i], pending[i], keep, row, blocked
+            )
+            shorts.append(s)
+            convs.append(cv)
+            pendings.append(p)
         n = self.norm
-        return rms_norm_step(x, n.weight, n.eps).unsqueeze(1), new_state
+        return rms_norm_step(x, n.weight, n.eps), torch.stack(shorts), torch.stack(convs), torch.stack(pendings)
+
+    def compile_decoding(self, enabled: bool = True, warm_up: tuple[int, ...] = (1,), **compile_kwargs: Any) -> None:
+        """Decode one token per stream through ``torch.compile``: the default inductor backend fuses the
+        step's few hundred small ops (on the CPU it needs a C++ compiler). Chunk writes stay eager.
+        Outputs equal the eager step's to rounding (tests/test_compiled_decode.py).
+
+        A graph is compiled for one stream and one for several (any count; streams at one position and
+        at different positions each have one): ``warm_up`` compiles them now for these batch sizes (a
+        size above 1 warms the graphs of every size above 1), so that a compile error shows here and the
+        first steps do not stall (seconds to a minute each). ``enabled=False`` goes back to eager."""
+        if not enabled:
+            self._compiled_reads = None
+            return
+        self._compiled_reads = torch.compile(self._decode_reads, **compile_kwargs)
+        sizes = sorted({b for b in warm_up if b == 1} | ({2, 3} if any(b > 1 for b in warm_up) else set()))
+        with torch.no_grad():
+            for b in sizes:
+                ids = torch.zeros(b, 1, dtype=torch.long, device=self.device)
+                self.hidden_states(ids, self.init_state(b))
+                if b > 1:  # streams at different positions, before and after the FIFO is full
+                    c = self.config
+                    late = c.chunk_size * c.summary_window
+                    for positions in (tuple(range(b)), tuple(late + i for i in range(b))):
+                        self.hidden_states(ids, dataclasses.replace(self.init_state(b), position=positions))

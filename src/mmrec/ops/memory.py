@@ -238,13 +238,13 @@ def memory_read(tokens: Tensor, entering: MemoryState, params: MemoryParams, hea
 
 @functools.lru_cache(maxsize=256)
 def _cached_step_blocked(completed: int, n_slots: int, window: int, device: torch.device) -> Tensor | None:
-    """:func:`_step_blocked` for one count, kept: a decoding step needs it for every token of a stream's
+    """:func:`step_blocked` for one count, kept: a decoding step needs it for every token of a stream's
     first W chunks. Its users only read it."""
     mask = _read_mask(completed, 1, n_slots, window, device)
     return None if mask is None else ~mask.view(1, 1, -1)
 
 
-def _step_blocked(completed: int | Sequence[int], n_slots: int, window: int, device: torch.device) -> Tensor | None:
+def step_blocked(completed: int | Sequence[int], n_slots: int, window: int, device: torch.device) -> Tensor | None:
     """[B or 1, 1, E] True where a stream may *not* read an entry (FIFO entries of chunks that never
     existed), or None when it may read all: one step of streams that completed ``completed`` chunks,
     one count for all or one per stream."""
@@ -270,21 +270,37 @@ def memory_read_step(
     attention-weighted entries are projected once, sum p_e W_v e = W_v sum p_e e:
     about 5x fewer FLOPs per token than :func:`memory_read` on one token.
     """
+    n_slots, window = state.slots.size(1), state.summaries.size(1)
+    blocked = step_blocked(completed, n_slots, window, token.device)
+    return memory_read_step_masked(token, state, params.read_q, params.read_kv, params.null_entry, heads, blocked)
+
+
+def memory_read_step_masked(
+    token: Tensor,
+    state: MemoryState,
+    read_q: Tensor,
+    read_kv: Tensor,
+    null_entry: Tensor,
+    heads: int,
+    blocked: Tensor | None,
+) -> Tensor:
+    """:func:`memory_read_step` with the read's weights passed alone and the entries a stream may not
+    read given as a mask (:func:`step_blocked`, worked out once per decoding step for all layers):
+    no Python branch on positions, so a compiled decoding step stays one graph."""
     B = token.size(0)
     dtype = token.dtype
-    n_slots, window, d_mem = state.slots.size(1), state.summaries.size(1), params.null_entry.numel()
-    null = params.null_entry.expand(B, 1, d_mem)
+    d_mem = null_entry.numel()
+    null = null_entry.expand(B, 1, d_mem)
     if null.dtype != state.slots.dtype:
         null = null.to(state.slots.dtype)
     entries = torch.cat([state.slots, state.summaries, state.sequence.unsqueeze(1), null], dim=1)  # [B, E, d_mem]
-    read_kv = params.read_kv if params.read_kv.dtype == dtype else params.read_kv.to(dtype)
+    read_kv = read_kv if read_kv.dtype == dtype else read_kv.to(dtype)
     if entries.dtype != dtype:
         entries = entries.to(dtype)
     w_k, w_v = read_kv.view(2, heads, -1, d_mem)  # [h, dh, d_mem] each
-    q = F.linear(token, params.read_q).view(B, heads, 1, -1)  # [B, h, 1, dh]
+    q = F.linear(token, read_q).view(B, heads, 1, -1)  # [B, h, 1, dh]
     q_entry = torch.matmul(q, w_k).view(B, heads, d_mem)  # [B, h, d_mem]: W_k^T q per head
     scores = torch.bmm(q_entry, entries.transpose(1, 2)) * q.size(-1) ** -0.5  # [B, h, E]
-    blocked = _step_blocked(completed, n_slots, window, token.device)  # [B or 1, 1, E]
     if blocked is not None:
         scores = scores.masked_fill(blocked, float("-inf"))
     # At least float32 for the softmax under bf16; float64 stays float64.

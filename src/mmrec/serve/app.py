@@ -52,14 +52,22 @@ def create_app(
     model_name: str | None = None,
     limits: Limits | None = None,
     device: str = "cpu",
+    compile: bool = False,
 ) -> FastAPI:
     """The server of ``checkpoint`` (a run or step directory, or a loaded model) with sessions under
-    ``sessions_dir``. ``api_keys``: keys accepted on every route but /health and / (none: no check)."""
+    ``sessions_dir``. ``api_keys``: keys accepted on every route but /health and / (none: no check).
+    ``compile``: decode MM-Rec through ``torch.compile`` (:meth:`MMRecLM.compile_decoding`), compiled
+    here, before the server answers."""
     loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load(checkpoint, device)
     if loaded.tokenizer is None:
         raise ValueError(f"{loaded.path} has no tokenizer (a synthetic task on raw token ids); it cannot serve text")
     limits = limits or Limits()
     model: Any = loaded.model
+    if compile:
+        if not hasattr(model, "compile_decoding"):
+            raise ValueError(f"compile: only MM-Rec's decoding step has a compiled path; {loaded.arch} runs eager")
+        log.info("compiling the decoding step for 1 and up to %d streams (about a minute)", limits.max_batch)
+        model.compile_decoding(warm_up=(1, limits.max_batch))
     model_id = model_name or (loaded.path.parent.name if loaded.path.name.startswith("step-") else loaded.path.name)
     digest = fingerprint(loaded)
     state_class = type(model.init_state(1))
@@ -178,6 +186,7 @@ def run_server(
     limits: Limits | None = None,
     device: str = "cpu",
     log_level: str = "info",
+    compile: bool = False,
 ) -> None:
     """Load ``checkpoint`` and serve it until interrupted."""
     import uvicorn
@@ -185,7 +194,13 @@ def run_server(
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
     keys = api_keys_from_env(api_keys)
     app = create_app(
-        checkpoint, sessions_dir=sessions_dir, api_keys=keys, model_name=model_name, limits=limits, device=device
+        checkpoint,
+        sessions_dir=sessions_dir,
+        api_keys=keys,
+        model_name=model_name,
+        limits=limits,
+        device=device,
+        compile=compile,
     )
     service: Service = app.state.service
     log.info(
