@@ -51,8 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmrec.ops.delta import _check_shapes, _unit_lower_inverse, delta_naive
-from mmrec.ops.scan import accumulation_dtype, segsum
+from mmrec.ops.delta import _check_shapes, delta_chunk_states, delta_naive
+from mmrec.ops.scan import accumulation_dtype
 
 Count = int | tuple[int, ...]
 
@@ -150,49 +150,6 @@ def _uniform_count(state: AssocState) -> int:
     raise ValueError(
         f"streams with different numbers of pending tokens {state.n_pending} can only be fed one token at a time"
     )
-
-
-def delta_chunk_states(
-    k: Tensor, v: Tensor, log_g: Tensor, beta: Tensor, state: Tensor, chunk_size: int
-) -> tuple[Tensor, Tensor]:
-    """The gated delta rule's states at chunk boundaries: those entering each chunk and the final one.
-
-    k [B, H, n * C, dk]; v [B, H, n * C, dv]; log_g, beta [B, H, n * C]; state [B, H, dk, dv] (its dtype is
-    the accumulation dtype). Returns (entering [B, H, n, dk, dv], final [B, H, dk, dv]).
-
-    This is the state pass of :func:`~mmrec.ops.delta.delta_chunked` (the same WY / UT transform, the
-    same :func:`~mmrec.ops.delta._unit_lower_inverse`; see its derivation) without the outputs:
-    ``U = W_v - W_k S0`` per chunk, ``S <- exp(G_{C-1}) S + (K * D_{C-1,:})^T U``.
-    """
-    B, H, T, dk = k.shape
-    dv, acc, C = v.size(-1), state.dtype, chunk_size
-    if T % C:
-        raise ValueError(f"delta_chunk_states takes whole chunks: {T} tokens are not a multiple of {C}")
-    n = T // C
-    if n == 0:
-        return state.new_zeros(B, H, 0, dk, dv), state
-    with torch.autocast(device_type=v.device.type, enabled=False):
-        kc = k.to(acc).reshape(B, H, n, C, dk)
-        vc = v.to(acc).reshape(B, H, n, C, dv)
-        g = log_g.to(acc).reshape(B, H, n, C)
-        b = beta.to(acc).reshape(B, H, n, C, 1)
-
-        decay = torch.exp(segsum(g))  # [B, H, n, C, C]: exp(G_i - G_j) for j <= i, else 0; all <= 1
-        G = g.cumsum(-1).unsqueeze(-1)  # [B, H, n, C, 1]
-        A = (b * (kc @ kc.transpose(-1, -2)) * decay).tril(-1)  # strictly lower triangular
-        eye = torch.eye(C, dtype=acc, device=v.device)
-        rhs = torch.cat([b * vc, b * torch.exp(G) * kc], dim=-1)  # [B, H, n, C, dv + dk]
-        W_v, W_k = (_unit_lower_inverse(eye + A) @ rhs).split([dv, dk], dim=-1)  # U = W_v - W_k S0
-        k_to_end = (kc * decay[..., -1, :].unsqueeze(-1)).transpose(-1, -2)  # [B, H, n, dk, C]
-        chunk_decay = torch.exp(G[..., -1, :]).unsqueeze(-1)  # [B, H, n, 1, 1]
-
-        # Unbind once: indexing inside the loop would make backward zero-fill a full-size gradient per chunk.
-        W_v_c, W_k_c, k_end_c, decay_c = (t.unbind(2) for t in (W_v, W_k, k_to_end, chunk_decay))
-        S, entering = state, []
-        for c in range(n):
-            entering.append(S)
-            S = decay_c[c] * S + k_end_c[c] @ (W_v_c[c] - W_k_c[c] @ S)
-    return torch.stack(entering, dim=2), S
 
 
 def assoc_naive(

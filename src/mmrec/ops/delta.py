@@ -155,6 +155,65 @@ def _unit_lower_inverse(M: Tensor) -> Tensor:
     return D[..., 0, :C, :C]
 
 
+def _chunk_pass(
+    kc: Tensor, vc: Tensor, g: Tensor, b: Tensor, S: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The WY / UT pass over whole chunks, in the accumulation dtype: kc [B, H, n, C, dk], vc
+    [B, H, n, C, dv], g [B, H, n, C] (log decays), b [B, H, n, C, 1] (betas), S the entering state.
+    Returns the in-chunk decays exp(G_i - G_j) [B, H, n, C, C], the cumulative log decays G
+    [B, H, n, C, 1], the states entering each chunk [B, H, n, dk, dv], the chunks' writes U
+    [B, H, n, C, dv] and the final state."""
+    C, dk, dv = kc.size(-2), kc.size(-1), vc.size(-1)
+    decay = torch.exp(segsum(g))  # [B, H, n, C, C]: exp(G_i - G_j) for j <= i, else 0; all <= 1
+    G = g.cumsum(-1).unsqueeze(-1)  # [B, H, n, C, 1]
+    kk = kc @ kc.transpose(-1, -2)  # [B, H, n, C, C]
+    A = (b * kk * decay).tril(-1)  # strictly lower triangular
+    eye = torch.eye(C, dtype=S.dtype, device=S.device)
+    rhs = torch.cat([b * vc, b * torch.exp(G) * kc], dim=-1)  # [B, H, n, C, dv + dk]
+    W = _unit_lower_inverse(eye + A) @ rhs  # [B, H, n, C, dv + dk]
+    W_v, W_k = W.split([dv, dk], dim=-1)  # U = W_v - W_k S0
+
+    k_to_end = kc * decay[..., -1, :].unsqueeze(-1)  # [B, H, n, C, dk]: k_j exp(G_{C-1} - G_j)
+    chunk_decay = torch.exp(G[..., -1, :]).unsqueeze(-1)  # [B, H, n, 1, 1]
+
+    # Unbind once: indexing inside the loop would make backward zero-fill
+    # a full-size gradient per chunk.
+    W_v_c, W_k_c = W_v.unbind(2), W_k.unbind(2)
+    k_end_c, decay_c = k_to_end.unbind(2), chunk_decay.unbind(2)
+    entering, writes = [], []
+    for c in range(len(W_v_c)):
+        entering.append(S)
+        U = W_v_c[c] - W_k_c[c] @ S  # [B, H, C, dv]
+        writes.append(U)
+        S = decay_c[c] * S + k_end_c[c].transpose(-1, -2) @ U
+    return decay, G, torch.stack(entering, dim=2), torch.stack(writes, dim=2), S
+
+
+def delta_chunk_states(
+    k: Tensor, v: Tensor, log_g: Tensor, beta: Tensor, state: Tensor, chunk_size: int
+) -> tuple[Tensor, Tensor]:
+    """The gated delta rule's states at chunk boundaries: those entering each chunk and the final one.
+
+    k [B, H, n * C, dk]; v [B, H, n * C, dv]; log_g, beta [B, H, n * C]; state [B, H, dk, dv] (its dtype is
+    the accumulation dtype). Returns (entering [B, H, n, dk, dv], final [B, H, dk, dv]): the state pass of
+    :func:`delta_chunked` without the outputs.
+    """
+    B, H, T, dk = k.shape
+    dv, acc, C = v.size(-1), state.dtype, chunk_size
+    if T % C:
+        raise ValueError(f"delta_chunk_states takes whole chunks: {T} tokens are not a multiple of {C}")
+    n = T // C
+    if n == 0:
+        return state.new_zeros(B, H, 0, dk, dv), state
+    with torch.autocast(device_type=v.device.type, enabled=False):
+        kc = k.to(acc).reshape(B, H, n, C, dk)
+        vc = v.to(acc).reshape(B, H, n, C, dv)
+        g = log_g.to(acc).reshape(B, H, n, C)
+        b = beta.to(acc).reshape(B, H, n, C, 1)
+        _, _, entering, _, final = _chunk_pass(kc, vc, g, b, state)
+    return entering, final
+
+
 def delta_chunked(
     q: Tensor,
     k: Tensor,
@@ -194,31 +253,7 @@ def delta_chunked(
         g = log_g.view(B, H, n, C)
         b = beta.view(B, H, n, C, 1)
 
-        decay = torch.exp(segsum(g))  # [B, H, n, C, C]: exp(G_i - G_j) for j <= i, else 0; all <= 1
-        G = g.cumsum(-1).unsqueeze(-1)  # [B, H, n, C, 1]
-        kk = kc @ kc.transpose(-1, -2)  # [B, H, n, C, C]
-        A = (b * kk * decay).tril(-1)  # strictly lower triangular
-        eye = torch.eye(C, dtype=acc, device=v.device)
-        rhs = torch.cat([b * vc, b * torch.exp(G) * kc], dim=-1)  # [B, H, n, C, dv + dk]
-        W = _unit_lower_inverse(eye + A) @ rhs  # [B, H, n, C, dv + dk]
-        W_v, W_k = W.split([dv, dk], dim=-1)  # U = W_v - W_k S0
-
-        k_to_end = kc * decay[..., -1, :].unsqueeze(-1)  # [B, H, n, C, dk]: k_j exp(G_{C-1} - G_j)
-        chunk_decay = torch.exp(G[..., -1, :]).unsqueeze(-1)  # [B, H, n, 1, 1]
-
-        # Unbind once: indexing inside the loop would make backward zero-fill
-        # a full-size gradient per chunk.
-        W_v_c, W_k_c = W_v.unbind(2), W_k.unbind(2)
-        k_end_c, decay_c = k_to_end.unbind(2), chunk_decay.unbind(2)
-        entering, writes = [], []
-        for c in range(n):
-            entering.append(S)
-            U = W_v_c[c] - W_k_c[c] @ S  # [B, H, C, dv]
-            writes.append(U)
-            S = decay_c[c] * S + k_end_c[c].transpose(-1, -2) @ U
-        S_in = torch.stack(entering, dim=2)  # [B, H, n, dk, dv]
-        U_all = torch.stack(writes, dim=2)  # [B, H, n, C, dv]
-
+        decay, G, S_in, U_all, S = _chunk_pass(kc, vc, g, b, S)
         scores = (qc @ kc.transpose(-1, -2)) * decay  # [B, H, n, C, C], lower triangular
         o = (qc * torch.exp(G)) @ S_in + scores @ U_all  # [B, H, n, C, dv]
     o = o.reshape(B, H, n * C, dv)[:, :, :T]
