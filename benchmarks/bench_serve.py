@@ -191,12 +191,14 @@ class InProcess:
     """The same checkpoint decoding in this process, no server: the model's own time per step for K streams
     at a context, measured while the server is idle (median of ``steps`` steps, as bench_core.py does)."""
 
-    def __init__(self, checkpoint: Path) -> None:
+    def __init__(self, checkpoint: Path, compile: bool = False) -> None:
         import mmrec
         from mmrec.utils.cpu import tune_glibc_malloc
 
         tune_glibc_malloc()  # as mmrec serve and bench_core.py do
         self.model: Any = mmrec.load(checkpoint, "cpu").model
+        if compile and hasattr(self.model, "compile_decoding"):  # as the server compiles it
+            self.model.compile_decoding(warm_up=(1,))
         self.state: Any = None
 
     def fill(self, text: str) -> None:
@@ -342,6 +344,11 @@ def main() -> int:
         "--no-in-process", action="store_true", help="skip the reference of the model decoding in this process"
     )
     p.add_argument("--fill-each", action="store_true", help="fill every session through the server (no copies)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="serve MM-Rec with --compile (its decoding step through torch.compile; the in-process reference too)",
+    )
     p.add_argument("--json", default=None, help="write every row (with each time between tokens) here")
     p.add_argument("--log", default=None, help="the servers' log (default: a temporary file)")
     args = p.parse_args()
@@ -359,13 +366,16 @@ def main() -> int:
             checkpoint = write_checkpoint(root / arch / MODEL, arch=arch, max_seq_len=max_seq_len, ascii_only=True)
             extra = ["--max-batch", str(args.max_batch), "--max-prompt-tokens", str(max(args.contexts) + 16)]
             extra += ["--max-body-bytes", str(max(1 << 20, 2 * max(args.contexts) + 4096))]
+            compiled = args.compile and arch == "mmrec"
+            extra += ["--compile"] if compiled else []
             sessions = root / arch / "sessions"
-            with ServerProcess(checkpoint, sessions, log, *extra) as server:
+            with ServerProcess(checkpoint, sessions, log, *extra, startup_s=600 if compiled else 120) as server:
                 copier = None if args.fill_each else SessionCopier(checkpoint, sessions)
                 try:
                     card = httpx.get(server.url + "/v1/models", headers=HEADERS).json()["data"][0]
-                    print(f"{arch}: {card['parameters']:,} parameters, state: {card['state']}", flush=True)
-                    alone = None if args.no_in_process else InProcess(checkpoint)
+                    how = "compiled decoding" if compiled else "eager decoding"
+                    print(f"{arch}: {card['parameters']:,} parameters, state: {card['state']}, {how}", flush=True)
+                    alone = None if args.no_in_process else InProcess(checkpoint, compile=compiled)
                     run = bench_model(server.url, arch, args.contexts, args.clients, args.tokens, copier, alone)
                     rows += asyncio.run(run)
                     servers[arch] = {"parameters": card["parameters"], "rss_bytes_after": server.rss_bytes()}

@@ -88,6 +88,7 @@ class ServerProcess:
         *extra: str,
         api_key: str | None = KEY,
         env: dict[str, str] | None = None,
+        startup_s: float = 120,
     ) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -100,7 +101,7 @@ class ServerProcess:
         self._log_file = open(log, "ab")  # noqa: SIM115 (closed in stop)
         full_env = {**os.environ, "MMREC_API_KEY": "", **(env or {})}
         self.proc = subprocess.Popen(cmd, stdout=self._log_file, stderr=subprocess.STDOUT, env=full_env)
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + startup_s
         while request(self.port, "GET", "/health", timeout=2).status != 200:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
