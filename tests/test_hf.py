@@ -167,6 +167,17 @@ def test_the_cache_follows_beams_and_left_padding_is_refused(exported):
         hf.generate(prompt, attention_mask=padded, max_new_tokens=2)
 
 
+def test_the_cache_of_streams_at_different_positions_has_no_single_length():
+    from mmrec.hf.modeling import MMRecCache
+    from mmrec.models.state import MMRecState
+
+    model = mmrec.MMRecLM(MMRecConfig(d_model=16, n_layers=1, n_heads=2))
+    states = [model(torch.zeros(1, n, dtype=torch.long)).state for n in (3, 3, 5)]
+    assert MMRecCache(MMRecState.cat(states[:2])).get_seq_length() == 3
+    with pytest.raises(ValueError, match="different positions"):
+        MMRecCache(MMRecState.cat(states)).get_seq_length()
+
+
 def test_import_mmrec_works_without_transformers_and_registers_when_it_is_imported():
     blocked = "import sys; sys.modules['transformers'] = None\nimport warnings; warnings.simplefilter('error')\n"
     check = "import mmrec, torch; mmrec.MMRecLM(mmrec.MMRecConfig(d_model=16, n_layers=1, n_heads=2))\n"

@@ -92,7 +92,15 @@ class MMRecCache(Cache):
     # What generate asks of a cache ----------------------------------------------------------------------------
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0 if self.state is None else self.state.position
+        if self.state is None:
+            return 0
+        positions = set(self.state.positions)
+        if len(positions) > 1:  # MMRecState.cat of streams at different positions (mmrec serve's batches)
+            raise ValueError(
+                f"this cache holds streams at different positions {self.state.position}; transformers needs "
+                "one sequence length for the batch: decode them with mmrec (MMRecLM), or one cache per position"
+            )
+        return positions.pop()
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
         return self.get_seq_length()
