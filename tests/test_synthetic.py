@@ -629,6 +629,11 @@ def test_cli_mqar_sweep_writes_every_run_and_the_choice(tmp_path) -> None:  # no
     for r in runs:  # each run is its own loadable model with its own metrics
         assert mmrec.load(r["checkpoint"]).config["lr"] == r["lr"]
         assert (out / f"lr-{r['lr']:g}" / "metrics.csv").exists()
+    # OUT itself loads as the chosen model.
+    chosen, in_out = mmrec.load(results["checkpoint"]), mmrec.load(out)
+    assert in_out.config["lr"] == results["lr"]
+    for name, t in chosen.model.state_dict().items():
+        assert torch.equal(t, in_out.model.state_dict()[name]), name
     # The reported accuracy is the chosen model's on seed 2's evaluation stream, recomputed here.
     loaded = mmrec.load(results["checkpoint"])
     x, y = mqar_zoology_batch(4, 32, 4, 64, stream_generator(2, "evaluation"))

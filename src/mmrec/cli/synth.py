@@ -38,7 +38,7 @@ from mmrec.evals import synthetic as syn
 from mmrec.evals.common import write_results
 from mmrec.evals.context import MakeBatch, TaskEval, evaluate_task, state_floats
 from mmrec.models.factory import build_model
-from mmrec.train.tasks import LrSweep, TaskOutput, sweep_lr
+from mmrec.train.tasks import LrSweep, TaskOutput, save_task_model, sweep_lr
 
 __all__ = ["COMMANDS", "EVAL_PASSKEY"]
 
@@ -195,7 +195,13 @@ def run_mqar(opts: MqarOptions) -> int:
     if opts.lrs:
         sweep = _sweep_mqar(opts, device)
         assert sweep.chosen is not None and sweep.chosen.trained is not None and sweep.evaluation is not None
+        assert sweep.model is not None
         trained, evaluation, lr = sweep.chosen.trained, sweep.evaluation, sweep.chosen.lr
+        # The chosen model in OUT too, so that mmrec.load(OUT) (and `mmrec eval --checkpoint OUT`) loads it.
+        chosen = dataclasses.replace(opts, lr=lr, lrs=[])
+        save_task_model(
+            TaskOutput(Path(opts.out), opts.longest, config=chosen.settings("mqar")), sweep.model, trained["steps"]
+        )
     else:
         # Fresh batches of the test setting from the evaluation stream: the accuracy train_task reports, kept whole.
         evaluate, held_out = held_out_evaluator(opts.test_batch, opts.eval_batches, opts.batch_size, device, opts.seed)

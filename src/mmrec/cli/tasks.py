@@ -119,7 +119,7 @@ class TaskOptions:
     log_every: int = _doc("Print a line and write a row of metrics.csv every N steps.", default=50, group="training")
     max_minutes: float | None = _doc(
         "Time budget: lower --steps so training (schedule included) fits it, from the step time after 30 steps "
-        "and again at every --log-every.",
+        "and again at every --log-every. With --lrs it is the budget of each learning rate's run.",
         default=None,
         group="training",
     )
