@@ -244,3 +244,38 @@ def test_streams_decoded_together_give_the_text_of_each_alone(model, state_api: 
     assert together == alone
     # With the state's batch API all four decode in one batch; without it, the two pairs of equal length.
     assert max(int(size) for size in stats["decode_steps_by_batch_size"]) == (4 if state_api else 2)
+
+
+def test_session_locks_serialise_and_bound_the_waiting_requests() -> None:
+    import asyncio
+
+    from mmrec.serve.protocol import APIError
+    from mmrec.serve.service import SessionLocks
+
+    async def scenario() -> tuple[list[str], int, str]:
+        locks, order = SessionLocks(max_waiting=2), []
+        key = ("owner", "s")
+        release = await locks.acquire(key)
+
+        async def turn(name: str) -> None:
+            done = await locks.acquire(key)
+            order.append(name)
+            done()
+
+        waiting = [asyncio.create_task(turn(n)) for n in ("second", "third")]
+        await asyncio.sleep(0)  # both now wait
+        try:
+            await locks.acquire(key)
+            status, message = 0, ""
+        except APIError as e:
+            status, message = e.status, str(e)
+        other = await locks.acquire(("owner", "another"))  # other sessions are not affected
+        other()
+        release()
+        await asyncio.gather(*waiting)
+        assert not locks._locks and not locks._users  # dropped when nobody holds or waits
+        return order, status, message
+
+    order, status, message = asyncio.run(scenario())
+    assert order == ["second", "third"]
+    assert status == 429 and "busy" in message

@@ -29,6 +29,11 @@ class ServeOptions:
     model_name: str | None = _doc("Model id clients name (default: the run directory's name).", default=None)
     max_batch: int = _doc("Streams decoded together at most.", default=16, group="limits")
     max_queue: int = _doc("Requests waiting for a slot at most; more are answered 429.", default=64, group="limits")
+    max_session_waiting: int = _doc(
+        "Requests waiting for one session while another runs on it, at most; more are answered 429.",
+        default=4,
+        group="limits",
+    )
     max_tokens: int = _doc("Largest max_tokens a request may ask for (400 above).", default=4096, group="limits")
     max_prompt_tokens: int = _doc(
         "Longest prompt of one request, in tokens (400 above).", default=65536, group="limits"
@@ -52,7 +57,16 @@ class ServeOptions:
     def __post_init__(self) -> None:
         _require(bool(self.host), "host", "give an address to listen on (127.0.0.1 for this machine only)")
         _require(0 <= self.port <= 65535, "port", f"must be in 0..65535, got {self.port}")
-        _positive(self, "max_batch", "max_queue", "max_tokens", "max_prompt_tokens", "max_body_bytes", "prefill_chunk")
+        _positive(
+            self,
+            "max_batch",
+            "max_queue",
+            "max_session_waiting",
+            "max_tokens",
+            "max_prompt_tokens",
+            "max_body_bytes",
+            "prefill_chunk",
+        )
 
 
 def _serve(opts: ServeOptions) -> int:
@@ -69,6 +83,7 @@ def _serve(opts: ServeOptions) -> int:
         max_prompt_tokens=opts.max_prompt_tokens,
         max_batch=opts.max_batch,
         max_queue=opts.max_queue,
+        max_session_waiting=opts.max_session_waiting,
         prefill_chunk=opts.prefill_chunk,
     )
     run_server(

@@ -30,6 +30,7 @@ class Limits:
     max_prompt_tokens: int = 65536  # 400 for a longer prompt (after the chat template)
     max_batch: int = 16  # streams decoding at once
     max_queue: int = 64  # requests waiting for a slot; 429 beyond
+    max_session_waiting: int = 4  # requests waiting for one session while another runs on it; 429 beyond
     prefill_chunk: int = 2048  # prompt tokens fed per engine step, so long prompts do not stall decoding
 
     def __post_init__(self) -> None:

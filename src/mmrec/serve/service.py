@@ -60,13 +60,25 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
 
 
 class SessionLocks:
-    """One asyncio lock per session, dropped when nobody holds or waits for it."""
+    """One asyncio lock per session, dropped when nobody holds or waits for it. At most ``max_waiting``
+    requests wait for one session (beside the one holding it); another is answered 429."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_waiting: int = 4) -> None:
+        self.max_waiting = max_waiting
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._users: Counter[tuple[str, str]] = Counter()
 
     async def acquire(self, key: tuple[str, str]) -> Callable[[], None]:
+        if self._users[key] > self.max_waiting:  # one holds it, max_waiting wait
+            raise APIError(
+                429,
+                f"session '{key[1]}' is busy: a request is running on it and {self._users[key] - 1} more wait; "
+                "a session runs one request at a time, retry when yours have finished",
+                type="rate_limit_error",
+                param="session",
+                code="session_busy",
+                headers={"Retry-After": "1"},
+            )
         lock = self._locks.setdefault(key, asyncio.Lock())
         self._users[key] += 1
         try:
@@ -138,7 +150,7 @@ class Service:
         # Session reads and writes run on two threads of their own: asyncio's default pool grows to
         # cpu_count + 4 threads, each of which can hold a malloc arena of its own (memory that stays).
         self._io_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mmrec-serve-io")
-        self.locks = SessionLocks()
+        self.locks = SessionLocks(limits.max_session_waiting)
         self.created = int(time.time())
         pos_embed = getattr(model, "pos_embed", None)
         self.max_positions: int | None = None if pos_embed is None else int(pos_embed.num_embeddings)
