@@ -122,26 +122,32 @@ def test_cat_refuses_what_cannot_batch(model):
 
 
 @torch.no_grad()
-def test_kv_caches_batch_only_at_one_position():
+def test_kv_caches_batch_at_different_positions():
+    # The rest of the KV cache's contracts (every preset, windows, branching): tests/test_transformer.py.
     torch.manual_seed(0)
     llama = TransformerLM(TransformerConfig(preset="llama", vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=2))
     llama = llama.double().eval()
     a = llama(torch.randint(0, VOCAB, (1, 5))).state
     b = llama(torch.randint(0, VOCAB, (1, 5))).state
     c = llama(torch.randint(0, VOCAB, (1, 6))).state
-    assert a.batch_key == b.batch_key != c.batch_key
-    with pytest.raises(StateError, match=r"one position.*\[5, 6\]"):
-        KVCache.cat([a, c])
-    batch = KVCache.cat([a, b])
-    assert batch.position == 5
-    out = llama(torch.tensor([[1], [2]]), state=batch)
-    for i, st in enumerate((a, b)):
+    assert a.batch_key == b.batch_key == c.batch_key
+    batch = KVCache.cat([a, c, b])
+    assert batch.position == (5, 6, 5) and batch.keys.size(3) == 6
+    out = llama(torch.tensor([[1], [2], [3]]), state=batch)
+    for i, st in enumerate((a, c, b)):
         ref = llama(torch.tensor([[i + 1]]), state=st)
         torch.testing.assert_close(out.logits[i : i + 1], ref.logits, rtol=0, atol=1e-12)
         assert_states_equal(out.state.split()[i], ref.state)
-    bad = KVCache(position=(5, 5), keys=batch.keys, values=batch.values)
-    with pytest.raises(StateError, match="one position"):
-        llama(torch.tensor([[1], [2]]), state=bad)
+    same = KVCache.cat([a, b])
+    as_tuple = KVCache(position=(5, 5), keys=same.keys, values=same.values)
+    torch.testing.assert_close(
+        llama(torch.tensor([[1, 2], [3, 4]]), state=as_tuple).logits,
+        llama(torch.tensor([[1, 2], [3, 4]]), state=same).logits,
+        rtol=0,
+        atol=0,
+    )
+    with pytest.raises(StateError, match="different positions"):
+        llama(torch.tensor([[1, 2], [3, 4]]), state=KVCache.cat([a, c]))
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor
 
@@ -302,11 +303,28 @@ class KVCache(TensorState):
 
     It grows with every token (up to the window for sliding-window attention):
     the contrast with :class:`MMRecState`.
+
+    Stream b holds its last ``min(positions[b], T)`` tokens (T = ``keys.size(3)``) in time order in the
+    first slots of the time axis; the slots after them are padding (streams at different positions batch
+    together, see :meth:`cat`). With a sliding window of W tokens (mistral) a stream holds at least its
+    last W - 1 tokens (all it needs) and at most about 2 W: the model compacts the cache when it is full.
+
+    States made by the model are views of preallocated storage (:class:`KVStorage`) that later decoding
+    steps write into in place, beyond what this state holds; decoding an older state again (a branch)
+    copies first. A state made any other way (``cat``, ``select``, ``load``, ``clone``, ``to``, by hand)
+    has no storage: the model's next call copies it into new storage with room to grow.
     """
 
     kind: ClassVar[str] = "kv_cache"
-    keys: Tensor  # [L, B, H, T_cache, dh]
-    values: Tensor  # [L, B, H, T_cache, dh]
+    keys: Tensor  # [L, B, H, T, dh]
+    values: Tensor  # [L, B, H, T, dh]
+    # The model's sliding window, set by the model (None: full attention, or not known yet: a loaded state).
+    window: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # Not a field, so dataclasses.replace (select, cat, to, clone, detach) never carries it over.
+        self._storage: KVStorage | None = None
 
     @property
     def batch_size(self) -> int:
@@ -314,12 +332,106 @@ class KVCache(TensorState):
 
     @property
     def batch_key(self) -> Hashable:
-        # The rows of a cache are aligned: one position, one cache length for every stream.
-        return (self.kind, self.position, int(self.keys.size(3)))
+        # Streams at different positions batch: each keeps its own length, the rest of its rows is padding.
+        return self.kind
 
-    def _batch_key_problem(self, keys: list[Hashable]) -> str:
-        positions = sorted({k[1] for k in keys if isinstance(k, tuple)})
-        return (
-            f"KV caches batch only at one position (their rows are aligned), got positions {positions}; "
-            "decode these streams in separate batches"
+    def filled(self) -> tuple[int, ...]:
+        """Tokens each stream holds (its slots in use on the time axis)."""
+        T = int(self.keys.size(3))
+        return tuple(min(p, T) for p in self.positions)
+
+    def nbytes(self) -> int:
+        """Bytes of ``keys`` and ``values``: every stream's tokens, plus the padding of streams shorter than
+        the longest one of a batch; not the spare capacity behind them (:meth:`storage_nbytes`)."""
+        return super().nbytes()
+
+    def storage_nbytes(self) -> int:
+        """Bytes of the memory this state keeps alive: its preallocated storage, else :meth:`nbytes`."""
+        if self._storage is None:
+            return self.nbytes()
+        return sum(t.numel() * t.element_size() for t in (self._storage.keys, self._storage.values))
+
+    @classmethod
+    def cat(cls, states: Sequence[TensorState]) -> Any:
+        """One cache holding the streams of ``states`` in order, each padded to the longest.
+
+        A stream that holds fewer tokens than its position (cut to what its sliding window needs) is moved
+        to end where its position says, after zeros that its window never reaches. Without a window (a
+        cache cut by hand) it batches only with caches no longer than it."""
+        caches = [s for s in states if isinstance(s, KVCache)]
+        if not caches or len(caches) != len(states):
+            return super().cat(states)  # the base class names what is wrong
+        windows = sorted({s.window for s in caches if s.window is not None})
+        if len(windows) > 1:
+            raise StateError(f"cannot batch KV caches of models with different sliding windows {windows}")
+        W = windows[0] if windows else None
+        T = max(int(s.keys.size(3)) for s in caches)
+        padded: list[TensorState] = []
+        for s in caches:
+            Ts = int(s.keys.size(3))
+            if Ts == T or all(p <= Ts for p in s.positions):
+                pad = (0, 0, 0, T - Ts)
+                padded.append(dataclasses.replace(s, keys=F.pad(s.keys, pad), values=F.pad(s.values, pad), window=W))
+                continue
+            cut = [p for p in s.positions if p > Ts]
+            if W is None or Ts < W - 1:
+                raise StateError(
+                    f"cannot batch a KV cache holding the last {Ts} tokens of a stream at position {cut[0]} "
+                    f"with one of {T} tokens: feed these streams in separate batches"
+                )
+            keys = s.keys.new_zeros((*s.keys.shape[:3], T, s.keys.size(4)))
+            values = torch.zeros_like(keys)
+            for b, p in enumerate(s.positions):
+                n, end = min(p, Ts), min(p, T)  # tokens held, and the slot they end at in the batch
+                keys[:, b, :, end - n : end] = s.keys[:, b, :, :n]
+                values[:, b, :, end - n : end] = s.values[:, b, :, :n]
+            padded.append(dataclasses.replace(s, keys=keys, values=values, window=W))
+        return super().cat(padded)
+
+    def select(self, indices: Sequence[int] | Tensor) -> Any:
+        """The streams at ``indices`` as a new cache of copied tensors, cut to the longest of them."""
+        idx = indices.tolist() if isinstance(indices, Tensor) and indices.dim() == 1 else indices
+        filled = self.filled()
+        try:
+            T = max(filled[i] for i in idx) if len(idx) else None
+        except (TypeError, IndexError):  # bad indices: the base class says what is wrong
+            T = None
+        if T is None or self.keys.size(3) <= T:
+            return super().select(indices)
+        cut = dataclasses.replace(self, keys=self.keys[:, :, :, :T], values=self.values[:, :, :, :T])
+        return TensorState.select(cut, indices)
+
+    def split(self) -> list[Any]:
+        """One cache per stream (copied tensors), each holding that stream's tokens only."""
+        return [self.select([i]) for i in range(self.batch_size)]
+
+    @classmethod
+    def _from_tensors(cls, position: Position, tensors: dict[str, Tensor]) -> Any:
+        missing = [n for n in ("keys", "values") if n not in tensors]
+        if missing:
+            raise StateError(f"state file lacks tensor(s) {', '.join(missing)}")
+        return cls(position=position, keys=tensors["keys"], values=tensors["values"])
+
+
+class KVStorage:
+    """Preallocated keys and values [L, B, H, capacity, dh] behind the KV caches a model made.
+
+    Decoding writes new tokens into it in place along the time axis. ``heads[b]`` is the position up to
+    which stream b has been written: only a state at those positions (the newest) may write here; an older
+    state, decoded again, copies into new storage instead (copy on write), so no state sees its tokens
+    change under it.
+    """
+
+    def __init__(self, keys: Tensor, values: Tensor, heads: tuple[int, ...]) -> None:
+        self.keys, self.values, self.heads = keys, values, heads
+
+    @property
+    def capacity(self) -> int:
+        return int(self.keys.size(3))
+
+    def backs(self, state: KVCache) -> bool:
+        """Whether ``state``'s tensors are views of this storage (from its first slot)."""
+        return all(
+            t.data_ptr() == buf.data_ptr() and t.stride() == buf.stride() and t.shape[:3] == buf.shape[:3]
+            for t, buf in ((state.keys, self.keys), (state.values, self.values))
         )

@@ -12,6 +12,7 @@ import math
 from typing import Any, cast
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmrec.config import TransformerConfig
@@ -19,7 +20,153 @@ from mmrec.layers.attention import causal_attention, rope
 from mmrec.layers.basic import GeluMLP, SwiGLU
 from mmrec.models.generation import GenerationMixin
 from mmrec.models.output import LMOutput, check_input_ids, lm_loss
-from mmrec.models.state import KVCache, StateError
+from mmrec.models.state import KVCache, KVStorage, StateError, collapse_positions, position_problem
+
+
+class CacheUpdate:
+    """How one forward call of T tokens reads and writes the KV cache: the same for every layer.
+
+    Stream b holds its last n_b = min(p_b, T_cache) tokens in time order (see :class:`KVCache`); its T new
+    tokens go to the slots after them, and its queries attend its own slots only (the last W of them with
+    a sliding window of W tokens).
+
+    Writes go in place into the state's :class:`KVStorage` when the state is the newest one written there
+    (its ``heads``) and the storage is large enough. They only ever go past the slots a state holds, so a
+    state stays valid after it has been decoded from, and decoding it again (a branch) copies it into new
+    storage first. New storage has room to grow: twice the tokens kept (up to ``max_seq_len`` when that
+    suffices). With a window, new storage keeps each stream's last W - 1 tokens only (all the next token
+    attends) and holds at most 2 W: it is compacted once every ~W tokens. While autograd records, every
+    layer's keys are new tensors instead: an in-place write would invalidate saved activations.
+    """
+
+    def __init__(self, state: KVCache, T: int, config: TransformerConfig) -> None:
+        self.state, self.T, self.window = state, T, config.window
+        self.max_len = config.max_seq_len or 0
+        self.positions = state.positions
+        self.filled = state.filled()
+        self.device = state.keys.device
+        uniform = len(set(self.positions)) == 1
+        # RoPE and learned positions: one start for all rows, or one per row.
+        self.start: int | Tensor = self.positions[0] if uniform else torch.tensor(self.positions, device=self.device)
+        self.storage: KVStorage | None = None
+        self.layers: list[tuple[Tensor, Tensor]] = []  # the new keys and values per layer, without storage
+        self.kept: list[int] | None = None  # tokens of each stream kept before the new ones
+
+    def _layout(self, kept: list[int]) -> None:
+        """Where the new tokens go and what each row attends, after ``kept`` tokens per stream."""
+        self.kept = kept
+        after = [n + self.T for n in kept]
+        self.length = max(after)  # slots of the new cache
+        # Streams of different lengths: the slots each row may attend (None: every row all of them).
+        self.key_lengths = None if len(set(after)) == 1 else torch.tensor(after, device=self.device)
+        self.slots: slice | Tensor
+        if len(set(kept)) == 1:
+            self.slots = slice(kept[0], kept[0] + self.T)
+        else:  # one token per row (mixed positions decode one token at a time), each at its own slot
+            self.slots = torch.tensor(kept, device=self.device)[:, None, None, None]  # [B, 1, 1, 1]
+
+    def _compacted_lengths(self) -> list[int]:
+        W = self.window
+        return list(self.filled) if W is None else [min(n, W - 1) for n in self.filled]
+
+    def _compact(self, old: Tensor) -> Tensor:
+        """The kept tokens of ``old`` [..., B, H, T_cache, dh] moved to the first slots (zeros after)."""
+        assert self.kept is not None
+        shifts = [n - k for n, k in zip(self.filled, self.kept, strict=True)]
+        K = max(self.kept)
+        if len(set(shifts)) == 1:
+            return old[..., shifts[0] : shifts[0] + K, :]
+        j = torch.arange(K, device=old.device)
+        index = (torch.tensor(shifts, device=old.device)[:, None] + j).clamp(max=old.size(-2) - 1)  # [B, K]
+        index = index[:, None, :, None].expand(*old.shape[:-2], K, old.size(-1))
+        keep = (j < torch.tensor(self.kept, device=old.device)[:, None])[:, None, :, None]  # [B, 1, K, 1]
+        return torch.where(keep, old.gather(-2, index), 0.0)
+
+    def _prepare(self, dtype: torch.dtype, grad: bool) -> None:
+        """Choose where this call writes, once the keys' dtype is known (the first layer)."""
+        if self.kept is not None:
+            return
+        storage = self.state._storage
+        if (
+            not grad
+            and storage is not None
+            and storage.backs(self.state)
+            and storage.keys.dtype == dtype
+            and storage.heads == self.positions
+            and max(self.filled) + self.T <= storage.capacity
+        ):
+            self.storage = storage
+            self._layout(list(self.filled))
+            return
+        self._layout(self._compacted_lengths())
+        if grad:
+            return
+        L, B, H, _, dh = self.state.keys.shape
+        capacity = max(self.length, 2 * max(self.kept or [0]), 16)
+        limit = self.max_len if self.window is None else 2 * self.window
+        if self.length <= limit:
+            capacity = min(capacity, limit)
+        # Zeros: padding slots are attended with weight 0, which must not meet a NaN.
+        keys = self.state.keys.new_zeros((L, B, H, capacity, dh), dtype=dtype)
+        values = torch.zeros_like(keys)
+        K = max(self.kept or [0])
+        if K:
+            keys[:, :, :, :K] = self._compact(self.state.keys)
+            values[:, :, :, :K] = self._compact(self.state.values)
+        self.storage = KVStorage(keys, values, self.positions)
+
+    def _write(self, dest: Tensor, new: Tensor, in_place: bool) -> Tensor:
+        """``new`` [B, H, T, dh] written into ``dest`` [B, H, S, dh] at the slots after the kept tokens."""
+        new = new.to(dest.dtype)
+        if isinstance(self.slots, slice):
+            if in_place:
+                dest[:, :, self.slots] = new
+                return dest
+            return torch.cat([dest[:, :, : self.slots.start], new, dest[:, :, self.slots.stop :]], dim=2)
+        index = self.slots.expand(-1, new.size(1), -1, new.size(3))
+        return dest.scatter_(2, index, new) if in_place else dest.scatter(2, index, new)
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Write layer ``layer``'s new keys and values k, v [B, H, T, dh]; the attention of q over the cache."""
+        grad = torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)
+        self._prepare(k.dtype, grad)
+        if self.storage is None:
+            pad = (0, 0, 0, self.length - max(self.kept or [0]))
+            old_k = F.pad(self._compact(self.state.keys[layer]).to(k.dtype), pad)
+            old_v = F.pad(self._compact(self.state.values[layer]).to(v.dtype), pad)
+            keys, values = self._write(old_k, k, False), self._write(old_v, v, False)
+            self.layers.append((keys, values))
+        else:
+            keys = self._write(self.storage.keys[layer], k, True)[:, :, : self.length]
+            values = self._write(self.storage.values[layer], v, True)[:, :, : self.length]
+        return causal_attention(q, keys, values, self.window, self.key_lengths)
+
+    def new_state(self) -> KVCache:
+        heads = tuple(p + self.T for p in self.positions)
+        position = collapse_positions(heads)
+        W = self.window
+        # A long call with a window (a prompt): keep only what the next token attends, in storage of 2 W.
+        cut = W is not None and self.length > 2 * W
+        if self.storage is None:
+            keys = torch.stack([k for k, _ in self.layers])
+            values = torch.stack([v for _, v in self.layers])
+            if cut:  # a call of T > 1 tokens: every stream at one position, all slots filled
+                keys, values = keys[:, :, :, -(W - 1) :], values[:, :, :, -(W - 1) :]  # type: ignore[operator]
+            return KVCache(position=position, keys=keys, values=values, window=W)
+        keys = self.storage.keys[:, :, :, : self.length]
+        values = self.storage.values[:, :, :, : self.length]
+        if cut:
+            assert W is not None
+            keep = keys.new_zeros((*keys.shape[:3], 2 * W, keys.size(4)))
+            keep_v = torch.zeros_like(keep)
+            keep[:, :, :, : W - 1] = keys[:, :, :, -(W - 1) :]
+            keep_v[:, :, :, : W - 1] = values[:, :, :, -(W - 1) :]
+            self.storage = KVStorage(keep, keep_v, heads)
+            keys, values = keep[:, :, :, : W - 1], keep_v[:, :, :, : W - 1]
+        self.storage.heads = heads
+        state = KVCache(position=position, keys=keys, values=values, window=W)
+        state._storage = self.storage
+        return state
 
 
 class Attention(nn.Module):
@@ -30,21 +177,14 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=bias)
         self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=bias)
 
-    def forward(self, x: Tensor, keys: Tensor, values: Tensor, start: int) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, x: Tensor, cache: CacheUpdate, layer: int) -> Tensor:
         B, T, d = x.shape
         H, dh = self.cfg.n_heads, self.cfg.head_dim
         q, k, v = self.qkv(x).view(B, T, 3, H, dh).permute(2, 0, 3, 1, 4)  # 3 x [B, H, T, dh]
         if self.cfg.preset != "gpt":
-            q, k = rope(q, start, self.cfg.rope_theta), rope(k, start, self.cfg.rope_theta)
-        k = torch.cat([keys.to(k.dtype), k], dim=2)
-        v = torch.cat([values.to(v.dtype), v], dim=2)
-        o = causal_attention(q, k, v, self.cfg.window)
-        if self.cfg.window is not None:  # later tokens never need more than window - 1 past keys
-            k, v = (
-                k[:, :, max(0, k.size(2) - (self.cfg.window - 1)) :],
-                v[:, :, max(0, v.size(2) - (self.cfg.window - 1)) :],
-            )
-        return self.out(o.transpose(1, 2).reshape(B, T, d)), k, v
+            q, k = rope(q, cache.start, self.cfg.rope_theta), rope(k, cache.start, self.cfg.rope_theta)
+        o = cache.attend(layer, q, k, v)  # [B, H, T, dh]
+        return self.out(o.transpose(1, 2).reshape(B, T, d))
 
 
 class TransformerBlock(nn.Module):
@@ -60,10 +200,9 @@ class TransformerBlock(nn.Module):
         self.attn = Attention(cfg)
         self.mlp: nn.Module = GeluMLP(cfg.d_model, cfg.d_ff) if cfg.preset == "gpt" else SwiGLU(cfg.d_model, cfg.d_ff)
 
-    def forward(self, x: Tensor, keys: Tensor, values: Tensor, start: int) -> tuple[Tensor, Tensor, Tensor]:
-        y, keys, values = self.attn(self.norm1(x), keys, values, start)
-        x = x + y
-        return x + self.mlp(self.norm2(x)), keys, values
+    def forward(self, x: Tensor, cache: CacheUpdate, layer: int) -> Tensor:
+        x = x + self.attn(self.norm1(x), cache, layer)
+        return x + self.mlp(self.norm2(x))
 
 
 class TransformerLM(nn.Module, GenerationMixin):
@@ -115,7 +254,7 @@ class TransformerLM(nn.Module, GenerationMixin):
         c = self.config
         shape = (c.n_layers, batch_size, c.n_heads, 0, c.head_dim)
         empty = torch.zeros(shape, dtype=self.embed.weight.dtype, device=self.device)
-        return KVCache(position=0, keys=empty, values=empty.clone())
+        return KVCache(position=0, keys=empty, values=empty.clone(), window=c.window)
 
     def check_state(self, state: Any, batch_size: int) -> KVCache:
         c = self.config
@@ -135,10 +274,18 @@ class TransformerLM(nn.Module, GenerationMixin):
                 )
             if t.device != self.device:
                 raise StateError(f"state is on {t.device} but the model is on {self.device}; use state.to(device)")
-        if not isinstance(state.position, int) or isinstance(state.position, bool) or state.position < 0:
-            raise StateError(
-                f"a KV cache has one position for all its streams, an integer >= 0; got {state.position!r}"
-            )
+        if state.keys.shape != state.values.shape:
+            raise StateError(f"state keys {tuple(state.keys.shape)} and values {tuple(state.values.shape)} differ")
+        problem = position_problem(state.position, batch_size)
+        if problem is not None:
+            raise StateError(problem)
+        if state.window != c.window:
+            if state.window is not None:
+                raise StateError(
+                    f"state was made by a model with a sliding window of {state.window} tokens, this one has "
+                    f"{c.window or 'none'}"
+                )
+            state = dataclasses.replace(state, window=c.window)  # a loaded state: its window is this model's
         return state
 
     def forward(self, input_ids: Tensor, state: KVCache | None = None, targets: Tensor | None = None) -> LMOutput:
@@ -152,26 +299,34 @@ class TransformerLM(nn.Module, GenerationMixin):
         return hidden @ self.embed.weight.t()
 
     def hidden_states(self, input_ids: Tensor, state: KVCache | None = None) -> tuple[Tensor, KVCache]:
-        """The final normed hidden states [B, T, d] and the new cache: ``forward`` without the head."""
+        """The final normed hidden states [B, T, d] and the new cache: ``forward`` without the head.
+
+        Streams at different positions (a batched state of several) are decoded together one token at a
+        time; a call of more tokens needs them at one position."""
         ids = check_input_ids(input_ids, self.config.vocab_size)
         B, T = ids.shape
         state = self.init_state(B) if state is None else self.check_state(state, B)
-        start = state.position
-        x = self.embed(ids)
+        positions = state.positions
+        if T != 1 and len(set(positions)) > 1:
+            raise StateError(
+                f"the streams of this state are at different positions {state.position}: they can be decoded "
+                f"together one token at a time, but a call of {T} tokens must feed the streams separately "
+                "(prefill each stream alone, then cat the states and decode them together)"
+            )
+        x = self.embed(ids)  # [B, T, d]
+        cache = CacheUpdate(state, T, self.config)
         if self.pos_embed is not None:
-            if start + T > self.pos_embed.num_embeddings:
+            if max(positions) + T > self.pos_embed.num_embeddings:
                 raise ValueError(
                     f"the gpt preset learns positions for max_seq_len={self.config.max_seq_len} tokens; "
-                    f"this call reaches position {start + T}. Use a shorter context or a larger max_seq_len."
+                    f"this call reaches position {max(positions) + T}. Use a shorter context or a larger "
+                    "max_seq_len."
                 )
-            x = x + self.pos_embed(torch.arange(start, start + T, device=ids.device))
-        keys, values = [], []
+            at = torch.arange(T, device=ids.device)
+            x = x + self.pos_embed(at + (cache.start[:, None] if isinstance(cache.start, Tensor) else cache.start))
         for i, block in enumerate(self.layers):
-            x, k, v = block(x, state.keys[i], state.values[i], start)
-            keys.append(k)
-            values.append(v)
-        new_state = KVCache(position=start + T, keys=torch.stack(keys), values=torch.stack(values))
-        return self.norm(x), new_state
+            x = block(x, cache, i)
+        return self.norm(x), cache.new_state()
 
 
 def count_transformer_params(cfg: TransformerConfig) -> int:
