@@ -1,9 +1,9 @@
 """Streams joined into one batch and taken apart again, through the state's batch API where it has one.
 
-The models' states gain ``cat`` / ``select`` / ``split`` / ``batch_key`` (MM-Rec streams at different
-positions decode together). Until a state class has them, streams that stand at the same position are
-concatenated here along the batch axis (axis 1 of every tensor of ``MMRecState`` and ``KVCache``), which
-is what the models' forward already accepts; streams at other positions then decode in batches of their
+``MMRecState`` and ``KVCache`` have ``cat`` / ``select`` / ``split`` / ``batch_key``, and streams at
+different positions decode together one token each (a KV cache pads the shorter streams and masks the
+padding). For a state class without them, streams that stand at the same position are concatenated here
+along the batch axis (axis 1 of every tensor); streams at other positions then decode in batches of their
 own.
 """
 
