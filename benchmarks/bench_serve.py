@@ -11,7 +11,7 @@ by a real ``python -m mmrec serve`` process. For each context C, one session is 
 (a completion of a C-token prompt with the session id and max_tokens=1: C + 1 tokens consumed). For each
 K in ``--clients``, K copies of it are made (with the server's own SessionStore on the same folder, while
 the server is idle; ``--fill-each`` fills every one through the server instead, which costs K prefills),
-so that all K streams stand at the same position (KV caches batch only at one position). Then K clients
+so that all K streams stand at the same context (the row measures one context). Then K clients
 (one asyncio httpx client, one connection each) continue them at once, each streaming ``--tokens`` greedy
 tokens from a one-character prompt; the copies are deleted afterwards.
 
