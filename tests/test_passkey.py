@@ -7,6 +7,7 @@ import math
 import random
 import re
 import shutil
+import string
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -516,7 +517,7 @@ def test_cli_synth_passkey_transformer_and_errors(tmp_path: Path, capsys: pytest
     )
     assert code == 0
     results = json.loads((out / "results.json").read_text())
-    assert [c["mode"] for c in results["cells"]] == ["full", "sliding"] and results["filler"] == str(prose)
+    assert [c["mode"] for c in results["cells"]] == ["full", "sliding"] and results["filler"] == [str(prose)]
     assert results["arch"] == "transformer-llama"
     assert cli(["eval", "passkey", "--checkpoint", str(out), "--lengths", "120", "--out", str(tmp_path / "e")]) == 0
     capsys.readouterr()
@@ -526,7 +527,7 @@ def test_cli_synth_passkey_transformer_and_errors(tmp_path: Path, capsys: pytest
         (["--train-len", "80"], "seq_len must be >= "),
         (["--lengths", "70"], "--lengths 70: a prompt needs at least"),
         (["--write-l1", "0.1"], "needs --arch mmrec and --sparse-write"),
-        (["--filler", str(tmp_path / "nope.txt")], "filler: no such file"),
+        (["--filler", str(tmp_path / "nope.txt")], "nope.txt: no such file or folder"),
         (["--tokenizer", str(tmp_path / "nope.json")], "tokenizer: no tokenizer file"),
         (["--attn-window", "8"], "unrecognized arguments: --attn-window"),  # now --window (sliding attention)
     ):
@@ -598,5 +599,308 @@ def test_prose_filler(tmp_path: Path) -> None:
     (tmp_path / "bad.txt").write_bytes(b"\xff\xfe\x00abc")
     with pytest.raises(ValueError, match="cannot read it as UTF-8"):
         read_filler(TOK, tmp_path / "bad.txt")
-    with pytest.raises(ValueError, match="no such file"):
-        read_filler(TOK, tmp_path)
+    with pytest.raises(ValueError, match="no such file or folder"):
+        read_filler(TOK, [text, tmp_path / "missing"])
+    # A folder is its files in path order (the bad one skipped by listing the good ones).
+    (tmp_path / "bad.txt").unlink()
+    (tmp_path / "empty.txt").unlink()
+    (tmp_path / "z.txt").write_text("Exeunt omnes.")
+    assert TOK.decode(read_filler(TOK, tmp_path)) == TOK.decode(tokens) + " Exeunt omnes."
+    assert read_filler(TOK, str(tmp_path / "*.txt")) == read_filler(TOK, [text, tmp_path / "z.txt"])
+
+
+# Held-out passkey (issue 13): disjoint fillers, distractor numbers, several key templates ----------------------
+
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "shakespeare"
+WORDS_A = "now is the winter of our discontent made glorious summer by this sun of york and all the clouds"
+WORDS_B = "friends romans countrymen lend me your ears i come to bury caesar not to praise him the evil"
+
+
+def test_disjoint_fillers_refuse_a_shared_file_or_passage(tmp_path: Path) -> None:
+    from mmrec.evals.passkey import check_disjoint_fillers
+
+    train, test = tmp_path / "train", tmp_path / "test"
+    train.mkdir()
+    test.mkdir()
+    (train / "a.txt").write_text(WORDS_A)
+    (test / "b.txt").write_text(WORDS_B)
+    assert check_disjoint_fillers(train, test) == {"train_files": 1, "eval_files": 1, "shared_words": 12}
+    with pytest.raises(ValueError, match=r"a\.txt is also a training file"):
+        check_disjoint_fillers(train, [test, train / "a.txt"])
+    (test / "copy.txt").write_bytes((train / "a.txt").read_bytes())  # the same bytes under another name
+    with pytest.raises(ValueError, match=r"copy\.txt is also a training file"):
+        check_disjoint_fillers(train, test)
+    (test / "copy.txt").unlink()
+    # Twelve words of a.txt inside other text, in other case and punctuation: shared text.
+    quoted = " ".join(WORDS_A.split()[3:15]).upper().replace(" ", ", ")
+    (test / "quote.txt").write_text(f"He said: {quoted}! Then left.")
+    with pytest.raises(ValueError, match=r"quote\.txt shares text with the training filler .*a\.txt.*1 runs of 12"):
+        check_disjoint_fillers(train, test)
+    (test / "quote.txt").write_text(" ".join(WORDS_A.split()[3:14]))  # eleven words: a common phrase, allowed
+    check_disjoint_fillers(train, test)
+    with pytest.raises(ValueError, match="no such file or folder"):
+        check_disjoint_fillers(train, tmp_path / "missing")
+
+
+@pytest.mark.skipif(not SHAKESPEARE.is_dir(), reason="needs ../shared/data/shakespeare")
+def test_shakespeare_split_is_disjoint_and_documented() -> None:
+    from mmrec.evals.passkey import SHAKESPEARE_SPLIT, check_disjoint_fillers, filler_files
+
+    train, test = (str(SHAKESPEARE / SHAKESPEARE_SPLIT[side]) for side in ("train", "test"))
+    train_files, test_files = set(filler_files(train)), set(filler_files(test))
+    assert len(train_files) == 28 and len(test_files) == 11 and not train_files & test_files
+    assert train_files | test_files == set(SHAKESPEARE.glob("*_gut.txt"))  # every work on one side
+    assert check_disjoint_fillers(train, test) == {"train_files": 28, "eval_files": 11, "shared_words": 12}
+    # A split between l and p is refused: The Passionate Pilgrim prints sonnets of Love's Labour's Lost.
+    with pytest.raises(ValueError, match="passionate_pilgrim_gut.txt shares text .*loves_labours_lost_gut.txt"):
+        check_disjoint_fillers(str(SHAKESPEARE / "[a-l]*_gut.txt"), str(SHAKESPEARE / "[m-z]*_gut.txt"))
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert SHAKESPEARE_SPLIT["train"] in readme and SHAKESPEARE_SPLIT["test"] in readme
+
+
+DIGIT_RUN = re.compile(r"\d+")
+
+
+@pytest.mark.parametrize("filler", ["sentences", "prose"])
+@pytest.mark.parametrize(("n_tokens", "depth", "density"), [(3000, 0.5, 10.0), (700, 0.0, 25.0), (5000, 1.0, 4.0)])
+def test_distractors_have_the_density_and_format_and_are_never_the_key(
+    filler: str, n_tokens: int, depth: float, density: float
+) -> None:
+    tokens = TOK.encode(" " + " ".join([WORDS_A, WORDS_B] * 20)) if filler == "prose" else None
+    prompt = passkey_prompt(TOK, n_tokens, depth, "48213", 3, tokens, distractors=density, distractor_seed=9)
+    ids = prompt.ids()
+    assert len(ids) == n_tokens and [t for w in prompt.windows(53) for t in w] == ids
+    n_filler = n_tokens - len(prompt.needle_ids) - len(prompt.question_ids)
+    assert len(prompt.distractors) == round(density * n_filler / 1000)
+    text = TOK.decode(ids)
+    # Every number of the prompt is the key (twice, in its line) or a distractor: 5 digits, no leading zero.
+    numbers = DIGIT_RUN.findall(text)
+    assert numbers.count("48213") == 2 and sorted(n for n in numbers if n != "48213") == sorted(prompt.distractors)
+    assert all(len(n) == 5 and n[0] != "0" and n != "48213" for n in prompt.distractors)
+    # Inserted whole between words: " NNNNN" then a space (or the key line, or the question).
+    assert all(re.search(rf" {n}[ ]", text) for n in prompt.distractors)
+    assert text.count("The pass key is 48213. Remember it. 48213 is the pass key.") == 1
+    same = passkey_prompt(TOK, n_tokens, depth, "48213", 3, tokens, distractors=density, distractor_seed=9)
+    other = passkey_prompt(TOK, n_tokens, depth, "48213", 3, tokens, distractors=density, distractor_seed=10)
+    assert same.ids() == ids and other.distractors != prompt.distractors
+
+
+def test_a_distractor_equal_to_the_key_is_redrawn(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mmrec.evals import passkey as pk
+
+    draws = iter(["48213", "48213", "11111", "48213", "22222"])
+    monkeypatch.setattr(pk, "random_keys", lambda rng, n: [next(draws)])
+    prompt = passkey_prompt(TOK, 400, 1.0, "48213", distractors=5.5, distractor_seed=0)
+    assert prompt.distractors == ["11111", "22222"]
+    with pytest.raises(ValueError, match="distractors must be between 0 and 100"):
+        passkey_prompt(TOK, 400, 1.0, "48213", distractors=101)
+
+
+def test_templates_are_drawn_from_the_set_given() -> None:
+    from mmrec.evals.passkey import KEY_TEMPLATES
+
+    needles = {name: t.needle.split("{key}")[0] for name, t in KEY_TEMPLATES.items()}
+    questions = {name: t.question for name, t in KEY_TEMPLATES.items()}
+    inputs, targets = passkey_batch(
+        TOK, 24, 260, torch.Generator().manual_seed(0), templates=["secret", "code", "vault"], distractors=8
+    )
+    used = set()
+    for row, target in zip(inputs.tolist(), targets.tolist(), strict=True):
+        text = TOK.decode(row)
+        (name,) = [n for n, q in questions.items() if q + " " in text + "0"]  # the question, then the key
+        used.add(name)
+        assert name in ("secret", "code", "vault") and needles[name] in text
+        assert not any(needles[n] in text for n in ("passkey", "magic"))
+        key = re.search(re.escape(needles[name]) + r"(\d{5})", text).group(1)
+        # Scored: the answer, and the key's repeat where the template says it twice; never a distractor.
+        scored = TOK.decode([y for y in target if y != IGNORE])
+        assert scored == (key + " " + key if name == "vault" else " " + key)
+        assert len(DIGIT_RUN.findall(text)) > 2  # distractors are there
+    assert used == {"secret", "code", "vault"}
+    docs = list(passkey_documents(TOK, 12, 200, 300, seed=2, templates=["code", "magic"], distractors=10))
+    assert {d["template"] for d in docs} == {"code", "magic"}
+    for d in docs:
+        assert d["text"].endswith(KEY_TEMPLATES[d["template"]].question + f" {d['key']}.")
+    # The classic settings draw what they always drew.
+    assert [d["text"] for d in passkey_documents(TOK, 3, 200, 300, seed=1)] == [
+        d["text"] for d in passkey_documents(TOK, 3, 200, 300, seed=1, templates=["passkey"], distractors=0)
+    ]
+    with pytest.raises(ValueError, match="unknown key template 'riddle': known are passkey, secret"):
+        passkey_prompt(TOK, 400, 0.5, "12345", template="riddle")
+
+
+@dataclass
+class TriggeredReaderState(KeyReaderState):
+    recent: torch.Tensor  # [1, B, P] the last P tokens read, P the trigger's length
+    armed: torch.Tensor  # [1, B] 1 once the trigger has been read
+
+
+class TriggeredReader(KeyReader):
+    """A copying oracle: the first five digits read *after* ``trigger`` (the template's words before the key)."""
+
+    def __init__(self, trigger: str) -> None:
+        super().__init__(lambda key: " " + key)
+        self.trigger = torch.tensor(TOK.encode(trigger))
+
+    def init_state(self, batch: int) -> TriggeredReaderState:
+        base = super().init_state(batch)
+        return TriggeredReaderState(
+            position=0,
+            key=base.key,
+            tail=base.tail,
+            answered=base.answered,
+            recent=torch.full((1, batch, len(self.trigger)), -1),
+            armed=torch.zeros(1, batch, dtype=torch.long),
+        )
+
+    def forward(self, ids: torch.Tensor, state: TriggeredReaderState | None = None) -> LMOutput:
+        # Digits are passed on to KeyReader only once the trigger has been read: others are replaced by a space.
+        st = self.init_state(ids.size(0)) if state is None else state.clone()
+        masked = ids.clone()
+        for b in range(ids.size(0)):
+            for t in range(ids.size(1)):
+                token = int(ids[b, t])
+                if not st.armed[0, b] and token in DIGITS:
+                    masked[b, t] = ord(" ")
+                st.recent[0, b] = torch.cat([st.recent[0, b, 1:], ids[b, t : t + 1]])
+                if torch.equal(st.recent[0, b], self.trigger):
+                    st.armed[0, b] = 1
+        out = super().forward(masked, st)
+        st.key, st.tail, st.answered = out.state.key, out.state.tail, out.state.answered
+        st.position = out.state.position
+        return LMOutput(out.logits, st)
+
+
+def test_exact_match_with_distractors_needs_the_key_not_the_first_number() -> None:
+    # Depth 1: the key line comes last, so distractors precede it.
+    grid = dict(lengths=[400, 900], depths=[1.0], trials=3, device="cpu", log=None, window=97, distractors=20.0)
+    first_number = evaluate_passkey(KeyReader(lambda key: " " + key), TOK, **grid)
+    oracle = evaluate_passkey(TriggeredReader(" The pass key is"), TOK, **grid)
+    for fooled, right in zip(first_number["cells"], oracle["cells"], strict=True):
+        assert min(fooled["distractors"]) >= 1 and fooled["exact_match"] == 0.0
+        assert all(a.isdigit() and len(a) == 5 for a in fooled["answers"])  # a distractor, answered confidently
+        assert right["exact_match"] == 1.0 and right["right"] == [True] * 3
+    # Without distractors the first number is the key: both score 1 (what the classic filler could not tell apart).
+    grid["distractors"] = 0.0
+    assert all(c["exact_match"] == 1.0 for c in evaluate_passkey(KeyReader(lambda k: " " + k), TOK, **grid)["cells"])
+    assert oracle["distractors"] == 20.0 and oracle["templates"] == ["passkey"]
+
+
+def test_grid_draws_templates_per_trial_and_keeps_the_classic_keys() -> None:
+    grid = dict(lengths=[300], depths=[0.0, 0.5], trials=6, device="cpu", log=None)
+    mixed = evaluate_passkey(KeyReader(lambda key: " " + key), TOK, templates=["secret", "code"], **grid)
+    assert all(set(c["templates"]) == {"secret", "code"} for c in mixed["cells"])
+    # A draw per trial after the keys (two names of one template, so that the stand-in can read them).
+    drawn = evaluate_passkey(KeyReader(lambda key: " " + key), TOK, templates=["passkey"] * 2, distractors=0.1, **grid)
+    classic = evaluate_passkey(KeyReader(lambda key: " " + key), TOK, **grid)
+    for di, (a, b) in enumerate(zip(drawn["cells"], classic["cells"], strict=True)):
+        assert b["templates"] == ["passkey"] * 6 and b["distractors"] == [0] * 6
+        assert a["answers"] == b["answers"] == grid_keys(300, di, 6)  # the keys are those of earlier versions
+
+
+def test_cli_held_out_passkey_protocol(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Train on A with some templates, test on B with others: no training prompt holds B's text or a held-out
+    template; held-out and grid prompts do, from the seed's evaluation stream."""
+    from mmrec.evals import passkey as pk
+    from mmrec.evals.synthetic import stream_seed
+    from mmrec.train import tasks
+
+    a, b = tmp_path / "plays-a", tmp_path / "plays-b"
+    a.mkdir()
+    b.mkdir()
+    (a / "one.txt").write_text(WORDS_A)
+    (b / "two.txt").write_text(WORDS_B)
+    prompts: dict[str, list[Any]] = {"train": [], "eval": [], "grid": []}
+    phase = ["train"]
+    seeds: dict[str, int] = {}
+    real_prompt, real_eval, real_grid = pk.passkey_prompt, cli_tasks.evaluate_task, pk.evaluate_passkey
+
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        prompt = real_prompt(*args, **kwargs)
+        prompts[phase[0]].append(prompt)
+        return prompt
+
+    def held_out(*args: Any, **kwargs: Any) -> Any:
+        phase[0], seeds["eval"] = "eval", kwargs["seed"]
+        try:
+            return real_eval(*args, **kwargs)
+        finally:
+            phase[0] = "train"
+
+    def graded(*args: Any, **kwargs: Any) -> Any:
+        phase[0] = "grid"
+        return real_grid(*args, **kwargs)
+
+    real_train = tasks.train_task
+
+    def train(*args: Any, **kwargs: Any) -> Any:
+        seeds["train"] = args[7]  # train_task(model, make_batch, steps, batch, lr, device, log_every, seed, ...)
+        prompts["train"].clear()  # the options' dry run of one prompt per side is no training
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(pk, "passkey_prompt", recorded)
+    monkeypatch.setattr(cli_tasks, "evaluate_task", held_out)
+    monkeypatch.setattr(pk, "evaluate_passkey", graded)
+    monkeypatch.setattr(cli_tasks, "train_task", train)
+    out = tmp_path / "pk"
+    args = ["synth", "passkey", "--d-model", "16", "--steps", "3", "--batch-size", "4", "--train-len", "150", "170"]
+    args += ["--filler", str(a), "--eval-filler", str(b), "--templates", "passkey", "secret", "--seed", "5"]
+    args += ["--eval-templates", "code", "secret", "--distractors", "15", "--lengths", "160", "400"]
+    assert cli([*args, "--depths", "0", "1", "--trials", "3", "--out", str(out), "--device", "cpu"]) == 0
+    assert seeds == {"train": 5, "eval": stream_seed(5, "evaluation")}
+    train_text = [TOK.decode(p.ids()) for p in prompts["train"]]
+    test_text = [TOK.decode(p.ids()) for p in prompts["eval"] + prompts["grid"]]
+    assert len(train_text) >= 3 * 4 and len(prompts["eval"]) == 8 * 4 and len(prompts["grid"]) == 2 * 2 * 3
+    assert {p.template for p in prompts["train"]} == {"passkey", "secret"}
+    assert {p.template for p in prompts["eval"] + prompts["grid"]} == {"code", "secret"}
+    # Words of one text only, long enough that a word cut at the filler's start cannot look like one.
+    only_a, only_b = {"winter", "discontent", "glorious", "summer", "york", "clouds"}, {"romans", "caesar", "praise"}
+
+    def words(text: str) -> set[str]:
+        return {w.strip(string.punctuation).lower() for w in text.split()}
+
+    assert (
+        not any(words(t) & only_b or "Code:" in t for t in train_text) and set.union(*map(words, train_text)) & only_a
+    )
+    assert not any(words(t) & only_a for t in test_text) and set.union(*map(words, test_text)) & only_b
+    assert all(p.distractors for p in prompts["train"] + prompts["eval"] + prompts["grid"])
+    assert not set(train_text) & set(test_text)
+    results = json.loads((out / "results.json").read_text())
+    assert results["filler"] == [str(a)] and results["eval_filler"] == [str(b)] and results["filler_held_out"]
+    assert results["held_out_templates"] == ["code"] and results["distractors"] == 15.0
+    md = (out / "results.md").read_text()
+    assert "never seen in training: **code**" in md and "| code (held out) |" in md and "15 numbers" in md
+    # eval passkey knows what the checkpoint trained on: B is a held-out text, A is refused unless allowed.
+    ev = ["eval", "passkey", "--checkpoint", str(out), "--lengths", "300", "--depths", "0.5", "--trials", "2"]
+    assert cli([*ev, "--filler", str(b / "two.txt"), "--templates", "vault", "--out", str(tmp_path / "e1")]) == 0
+    again = json.loads((tmp_path / "e1" / "results.json").read_text())
+    assert again["filler_held_out"] is True and again["held_out_templates"] == ["vault"]
+    assert again["train_templates"] == ["passkey", "secret"]
+    assert cli([*ev, "--filler", str(a), "--out", str(tmp_path / "e2")]) == 1
+    assert not (tmp_path / "e2").exists()
+    assert cli([*ev, "--filler", str(a), "--allow-seen-filler", "--out", str(tmp_path / "e2")]) == 0
+    seen = json.loads((tmp_path / "e2" / "results.json").read_text())
+    assert seen["filler_held_out"] is False and "not a held-out text" in (tmp_path / "e2" / "results.md").read_text()
+
+
+def test_cli_held_out_passkey_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a = tmp_path / "a.txt"
+    a.write_text(WORDS_A)
+    out = tmp_path / "bad"
+    for bad, message in (
+        (["--filler", str(a), "--eval-filler", str(a)], "eval_filler: " + str(a) + " is also a training file"),
+        (["--templates", "riddle"], "templates: unknown key template 'riddle'"),
+        (["--eval-templates", "passkey", "nope"], "eval_templates: unknown key template 'nope'"),
+        (["--templates", "code", "code"], "name each template once"),
+        (["--distractors", "-1"], "distractors: must be a finite number >= 0"),
+        (["--distractors", "200"], "distractors: at most 100"),
+        (["--eval-filler", str(tmp_path / "nope")], "eval_filler: " + str(tmp_path / "nope") + ": no such file"),
+    ):
+        assert cli(["synth", "passkey", "--steps", "1", "--out", str(out), *bad]) == 2, bad
+        assert message in capsys.readouterr().err, bad
+        assert not out.exists()
+    data = tmp_path / "pk.jsonl"
+    args = ["--n", "5", "--min-len", "200", "--max-len", "300", "--templates", "code", "secret"]
+    assert cli(["synth", "passkey-data", "--out", str(data), *args, "--filler", str(a), "--distractors", "10"]) == 0
+    docs = [json.loads(line) for line in data.read_text().splitlines()]
+    assert {d["template"] for d in docs} <= {"code", "secret"} and all("winter" in d["text"] for d in docs)

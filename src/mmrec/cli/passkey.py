@@ -24,6 +24,7 @@ from mmrec.cli.tasks import (
     at_least,
     check_out_folder,
     command,
+    finite,
     held_out_evaluator,
     make_out,
     model_fields,
@@ -50,8 +51,36 @@ def _tokenizer(spec: str) -> Any:
         raise ConfigError(f"tokenizer: {e}") from None
 
 
-def _check_filler(filler: str | None) -> None:
-    _require(filler is None or Path(filler).is_file(), "filler", f"no such file {filler}")
+def _check_filler(paths: list[str], name: str) -> None:
+    """The filler's files exist (its text is read once the tokenizer is known)."""
+    if paths:
+        option = "--" + name.replace("_", "-")
+        try:
+            pk.filler_files(paths, option)
+        except ValueError as e:
+            raise ConfigError(f"{name}: {str(e).removeprefix(option + ' ')}") from None
+
+
+def _check_templates(names: list[str], name: str) -> None:
+    try:
+        pk.key_templates(names)
+    except ValueError as e:
+        raise ConfigError(f"{name}: {e}") from None
+    _require(len(set(names)) == len(names), name, f"name each template once, got {' '.join(names)}")
+
+
+def _read_filler(tokenizer: Any, paths: list[str], option: str) -> list[int] | None:
+    return pk.read_filler(tokenizer, paths, option) if paths else None
+
+
+FILLER_HELP = (
+    "Text files, folders (read recursively) or quoted globs to use as filler instead of the five sentences: "
+    "their words joined in path order, cycled from a place chosen per prompt; the text's own digits are kept."
+)
+TEMPLATES_HELP = (
+    f"Phrasings of the key line and its question, one drawn per prompt: {', '.join(pk.KEY_TEMPLATES)} "
+    "(passkey is the classic 'The pass key is N. Remember it. N is the pass key.')."
+)
 
 
 @dataclass
@@ -68,12 +97,25 @@ class PasskeyGridOptions(LongContextOptions):
     )
     trials: int = _doc("Random keys per cell.", default=5, group="passkey grid")
     vary_filler: bool = _doc(
-        "Shuffle the test filler's sentences (seeded by --seed).", default=False, group="passkey grid"
+        "Shuffle the test filler's sentences (seeded by --seed; each trial its own order).",
+        default=False,
+        group="passkey grid",
     )
-    filler: str | None = _doc(
-        "A UTF-8 text file to use as filler instead of the five sentences, cycled from a place chosen by the seed "
-        "(synth passkey: in training too).",
-        default=None,
+    filler: list[str] = _doc(
+        FILLER_HELP + " synth passkey: training's, and the grid's unless --eval-filler.",
+        default_factory=list,
+        group="passkey grid",
+    )
+    templates: list[str] = _doc(
+        TEMPLATES_HELP + " synth passkey: training's, and the grid's unless --eval-templates.",
+        default_factory=lambda: list(pk.DEFAULT_TEMPLATES),
+        group="passkey grid",
+    )
+    distractors: float = _doc(
+        "Numbers of the key's format (5 digits) inserted between the filler's words, per 1,000 filler tokens, "
+        "never equal to the key: the key must be found by its phrasing, not as the only number (synth passkey: "
+        "in training and in the grid).",
+        default=0.0,
         group="passkey grid",
     )
 
@@ -85,10 +127,24 @@ class PasskeyGridOptions(LongContextOptions):
             _require(0.0 <= d <= 1.0, "depths", f"must be between 0 and 1, got {d}")
         _positive(self, "trials")
         self.check_long_context()
-        _check_filler(self.filler)
+        _check_filler(self.filler, "filler")
+        _check_templates(self.templates, "templates")
+        finite(self.distractors, "distractors", 0.0, strict=False)
+        _require(
+            self.distractors <= pk.MAX_DISTRACTORS,
+            "distractors",
+            f"at most {pk.MAX_DISTRACTORS:g} per 1,000 filler tokens, got {self.distractors:g}",
+        )
 
     def grade(
-        self, model: torch.nn.Module, tokenizer: Any, device: torch.device, trained_len: int, seed: int, filler: Any
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        device: torch.device,
+        trained_len: int,
+        seed: int,
+        filler: Any,
+        templates: list[str],
     ) -> dict[str, Any]:
         return pk.evaluate_passkey(
             model,
@@ -104,6 +160,8 @@ class PasskeyGridOptions(LongContextOptions):
             seed=seed,  # the keys of `mmrec eval passkey --seed` with the same seed: it reproduces a synth grid
             filler_seed=seed if self.vary_filler or filler else None,
             filler_tokens=filler,
+            templates=templates,
+            distractors=self.distractors,
         )
 
 
@@ -129,7 +187,22 @@ class SynthPasskeyOptions(TaskOptions, PasskeyGridOptions):
         group="passkey grid",
     )
     trials: int = _doc("Random keys per cell.", default=8, group="passkey grid")
+    eval_filler: list[str] = _doc(
+        "Filler of the held-out batches and the grid (files, folders, globs), instead of --filler: a test on "
+        "text never trained on. Refused when it shares a file, or a run of "
+        f"{pk.SHARED_WORDS} words, with --filler.",
+        default_factory=list,
+        group="passkey grid",
+    )
+    eval_templates: list[str] = _doc(
+        "Templates of the held-out batches and the grid, instead of --templates; those not in --templates are "
+        "held out, so the result says whether retrieval carries over to a phrasing never trained on.",
+        default_factory=list,
+        group="passkey grid",
+    )
     tok: Any = field(default=None, init=False, repr=False)
+    # What the filler check found: {"train_files": n, "eval_files": m, "shared_words": k}, or None without one.
+    filler_check: dict[str, Any] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         TaskOptions.__post_init__(self)
@@ -138,13 +211,28 @@ class SynthPasskeyOptions(TaskOptions, PasskeyGridOptions):
             len(self.train_len) in (1, 2), "train_len", f"takes one length or MIN MAX, got {len(self.train_len)} values"
         )
         _require(self.lo <= self.hi, "train_len", f"{self.lo} {self.hi}: MIN must not exceed MAX")
+        _check_filler(self.eval_filler, "eval_filler")
+        if self.eval_templates:
+            _check_templates(self.eval_templates, "eval_templates")
+        if self.filler and self.eval_filler:
+            try:  # before any model or folder exists: a test on training text is refused in a second
+                self.filler_check = pk.check_disjoint_fillers(self.filler, self.eval_filler)
+            except ValueError as e:
+                raise ConfigError(f"eval_filler: {str(e).removeprefix('--eval-filler: ')}") from None
         self.tok = _tokenizer(self.tokenizer)
-        try:
-            pk.passkey_batch(self.tok, 1, self.lo, torch.Generator().manual_seed(0))
-            pk.check_prompt_lengths(self.tok, self.lengths)
+        try:  # one prompt of each side at the shortest training length: bad settings fail as options
+            for templates in (self.templates, self.test_templates):
+                g = torch.Generator().manual_seed(0)
+                pk.passkey_batch(self.tok, 1, self.lo, g, templates=templates, distractors=self.distractors)
+            pk.check_prompt_lengths(self.tok, self.lengths, self.test_templates)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         self.model = self.resolve_model(self.tok.vocab_size, self.hi)
+
+    @property
+    def test_templates(self) -> list[str]:
+        """The templates of the held-out batches and the grid."""
+        return self.eval_templates or self.templates
 
     @property
     def lo(self) -> int:
@@ -158,14 +246,28 @@ class SynthPasskeyOptions(TaskOptions, PasskeyGridOptions):
 def run_synth_passkey(opts: SynthPasskeyOptions) -> int:
     device = setup(opts)
     tokenizer, lo, hi = opts.tok, opts.lo, opts.hi
-    filler = pk.read_filler(tokenizer, opts.filler) if opts.filler else None
+    filler = _read_filler(tokenizer, opts.filler, "--filler")
+    test_filler = _read_filler(tokenizer, opts.eval_filler, "--eval-filler") if opts.eval_filler else filler
     span = f"{lo}" if lo == hi else f"{lo}-{hi}"
 
-    def make_batch(b: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        # One length per batch, uniform in [lo, hi]: every row of a batch is a prompt of the same length.
-        length = lo if lo == hi else int(torch.randint(lo, hi + 1, (1,), generator=g))
-        return pk.passkey_batch(tokenizer, b, length, g, score_repeat=opts.score_repeat, filler_tokens=filler)
+    def batches(filler_tokens: list[int] | None, templates: list[str]) -> Any:
+        def make_batch(b: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+            # One length per batch, uniform in [lo, hi]: every row of a batch is a prompt of the same length.
+            length = lo if lo == hi else int(torch.randint(lo, hi + 1, (1,), generator=g))
+            return pk.passkey_batch(
+                tokenizer,
+                b,
+                length,
+                g,
+                score_repeat=opts.score_repeat,
+                filler_tokens=filler_tokens,
+                templates=templates,
+                distractors=opts.distractors,
+            )
 
+        return make_batch
+
+    make_batch = batches(filler, opts.templates)
     assert opts.model is not None
     model = build_model(opts.model).to(device)
     out = make_out(opts.out)
@@ -177,8 +279,11 @@ def run_synth_passkey(opts: SynthPasskeyOptions) -> int:
     )
     # The model and tokenizer are saved as a step directory before the held-out evaluation and the grid, so a
     # long grid that is cut short loses no training; `mmrec eval passkey --checkpoint OUT` grades them again.
-    # Held out: training prompts of other keys, depths and fillers (the evaluation stream of the seed).
-    evaluate, held_out = held_out_evaluator(make_batch, HELD_OUT_BATCHES, opts.batch_size, device, opts.seed)
+    # Held out: prompts of other keys, depths and filler places (the evaluation stream of the seed), read from
+    # the evaluation's filler and templates.
+    evaluate, held_out = held_out_evaluator(
+        batches(test_filler, opts.test_templates), HELD_OUT_BATCHES, opts.batch_size, device, opts.seed
+    )
     trained = opts.train(model, make_batch, device, evaluate, TaskOutput(out, hi, tokenizer, opts.settings("passkey")))
     accuracy = held_out[-1].accuracy
     print(f"held-out accuracy at the key's tokens ({span}-token prompts): {accuracy_text(accuracy)}", flush=True)
@@ -189,6 +294,9 @@ def run_synth_passkey(opts: SynthPasskeyOptions) -> int:
         "train_len": [lo, hi],
         "score_repeat": opts.score_repeat,
         "filler": opts.filler,
+        **protocol(
+            opts.filler, opts.eval_filler or opts.filler, opts.filler_check, opts.templates, opts.test_templates
+        ),
         "steps": trained["steps"],
         "batch_size": opts.batch_size,
         "lr": opts.lr,
@@ -198,9 +306,9 @@ def run_synth_passkey(opts: SynthPasskeyOptions) -> int:
         "loss_history": trained["history"],
     }
     write_results(out, base, "Training finished; the passkey grid is still running or was interrupted.\n")
-    grid = opts.grade(model, tokenizer, device, hi, opts.seed, filler)
+    grid = opts.grade(model, tokenizer, device, hi, opts.seed, test_filler, opts.test_templates)
     results = {**base, **{k: v for k, v in grid.items() if k != "arch"}}
-    filler_name = opts.filler or "the five sentences, shuffled"
+    filler_name = " ".join(opts.filler) or "the five sentences, shuffled"
     table = pkr.passkey_table(results) + (
         f"\nTrained {trained['steps']} steps on prompts of {span} tokens (filler: {filler_name}), scored at the "
         f"key{' and its repeat in the needle' if opts.score_repeat else ''}; held-out accuracy at the scored tokens "
@@ -215,6 +323,43 @@ def run_synth_passkey(opts: SynthPasskeyOptions) -> int:
     return 0
 
 
+def protocol(
+    train_filler: list[str] | None,
+    eval_filler: list[str],
+    check: dict[str, Any] | None,
+    train_templates: list[str] | None,
+    eval_templates: list[str],
+) -> dict[str, Any]:
+    """What results.json says about how the test differs from training (None: training's side is unknown).
+
+    Beside ``filler``, the command's own flag (synth passkey: training's; eval passkey: the grid's).
+
+    ``filler_held_out``: True when the test filler shares no text with training's (files checked by
+    :func:`mmrec.evals.passkey.check_disjoint_fillers`, or the five sentences on one side and files on the
+    other), False when both read the same text, None when the training filler is not known.
+    """
+    held_out: bool | None
+    if train_filler is None:
+        held_out = None
+    elif bool(train_filler) != bool(eval_filler):
+        held_out = True
+    elif not eval_filler:
+        held_out = False
+    else:
+        held_out = check is not None
+    return {
+        "train_filler": train_filler,
+        "eval_filler": eval_filler,
+        "filler_held_out": held_out,
+        "filler_check": check,
+        "train_templates": train_templates,
+        "eval_templates": eval_templates,
+        "held_out_templates": None
+        if train_templates is None
+        else [t for t in eval_templates if t not in train_templates],
+    }
+
+
 # mmrec synth passkey-data --------------------------------------------------------------------------------------
 
 
@@ -226,15 +371,28 @@ class PasskeyDataOptions:
     max_len: int = _doc("Longest document, tokens.", default=4096)
     tokenizer: str = _doc(TOKENIZER_HELP + " Lengths count its tokens.", default="byte")
     seed: int = _doc("Seed.", default=0)
+    filler: list[str] = _doc(FILLER_HELP, default_factory=list)
+    templates: list[str] = _doc(TEMPLATES_HELP, default_factory=lambda: list(pk.DEFAULT_TEMPLATES))
+    distractors: float = _doc(
+        "Numbers of the key's format inserted between the filler's words, per 1,000 filler tokens.", default=0.0
+    )
     tok: Any = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         _require(bool(self.out), "out", "give the .jsonl file to write")
+        _check_filler(self.filler, "filler")
+        _check_templates(self.templates, "templates")
+        finite(self.distractors, "distractors", 0.0, strict=False)
+        _require(
+            self.distractors <= pk.MAX_DISTRACTORS,
+            "distractors",
+            f"at most {pk.MAX_DISTRACTORS:g} per 1,000 filler tokens, got {self.distractors:g}",
+        )
         _require(not Path(self.out).is_dir(), "out", f"{self.out} is a folder; give the .jsonl file to write")
         _positive(self, "n", "min_len", "max_len")
         _require(self.min_len <= self.max_len, "min_len", f"{self.min_len} must not exceed max_len {self.max_len}")
         self.tok = _tokenizer(self.tokenizer)
-        shortest = pk.min_prompt_tokens(self.tok)
+        shortest = pk.min_prompt_tokens(self.tok, self.templates)
         _require(
             self.min_len >= shortest,
             "min_len",
@@ -244,7 +402,16 @@ class PasskeyDataOptions:
 
 def run_passkey_data(opts: PasskeyDataOptions) -> int:
     t0 = time.perf_counter()
-    docs = pk.passkey_documents(opts.tok, opts.n, opts.min_len, opts.max_len, opts.seed)
+    docs = pk.passkey_documents(
+        opts.tok,
+        opts.n,
+        opts.min_len,
+        opts.max_len,
+        opts.seed,
+        filler_tokens=_read_filler(opts.tok, opts.filler, "--filler"),
+        templates=opts.templates,
+        distractors=opts.distractors,
+    )
     count = pk.write_passkey_documents(opts.out, docs)
     print(
         f"wrote {count:,} passkey documents of {opts.min_len}-{opts.max_len} tokens to {opts.out} "
@@ -264,6 +431,12 @@ class EvalPasskeyOptions(PasskeyGridOptions):
     seed: int = _doc("Seed of the keys (and of the filler's order).", default=0, group="execution")
     device: str = _doc(DEVICE_HELP, default="auto", group="execution")
     threads: int | None = _doc("CPU threads for PyTorch (default: all cores).", default=None, group="execution")
+    allow_seen_filler: bool = _doc(
+        "Grade with a --filler that shares files or text with the checkpoint's training filler (the result is then "
+        "not a held-out one); without it that is refused.",
+        default=False,
+        group="passkey grid",
+    )
 
     def __post_init__(self) -> None:
         _require(bool(self.checkpoint), "checkpoint", "give a run or step directory")
@@ -273,17 +446,55 @@ class EvalPasskeyOptions(PasskeyGridOptions):
             _positive(self, "threads")
 
 
+def training_side(config: dict[str, Any]) -> tuple[list[str] | None, list[str] | None]:
+    """(filler, templates) a checkpoint of `mmrec synth passkey` was trained on; None for what is not known."""
+    if config.get("task") != "passkey":
+        return None, None
+    filler = config.get("filler") or []
+    return ([filler] if isinstance(filler, str) else list(filler)), list(
+        config.get("templates") or pk.DEFAULT_TEMPLATES
+    )
+
+
+def check_seen_filler(opts: EvalPasskeyOptions, train_filler: list[str] | None) -> tuple[list[str] | None, Any]:
+    """(training filler as known, what the check found): a ValueError for a --filler the model trained on.
+
+    A training filler whose files are no longer there (its paths are those of the training run) cannot be
+    checked: it is reported unknown, with a note.
+    """
+    if not opts.filler or not train_filler:
+        return train_filler, None
+    try:
+        pk.filler_files(train_filler, "training filler")
+    except ValueError as e:
+        print(f"note: the training filler cannot be read ({e}), so --filler is not checked against it")
+        return None, None
+    try:
+        return train_filler, pk.check_disjoint_fillers(train_filler, opts.filler, option="--filler")
+    except ValueError as e:
+        if opts.allow_seen_filler:
+            print(f"note: {e}; graded anyway (--allow-seen-filler), so this is not a held-out result")
+            return train_filler, None
+        raise ValueError(
+            f"{e} (the checkpoint was trained on --filler {' '.join(train_filler)}); add --allow-seen-filler to "
+            "grade on it anyway (not a held-out result)"
+        ) from None
+
+
 def run_eval_passkey(opts: EvalPasskeyOptions) -> int:
     device = setup(opts)
     loaded = load(opts.checkpoint, device)
     model, tokenizer, trained_len = loaded.model, loaded.tokenizer, loaded.trained_seq_len
     print(f"passkey: {loaded.arch} from {loaded.path} (step {loaded.step}, trained on {trained_len})")
     # Checked before the output folder exists: the shortest prompt depends on the checkpoint's tokenizer.
-    pk.check_prompt_lengths(tokenizer, opts.lengths)
-    filler = pk.read_filler(tokenizer, opts.filler) if opts.filler else None
+    pk.check_prompt_lengths(tokenizer, opts.lengths, opts.templates)
+    train_filler, train_templates = training_side(loaded.config)
+    train_filler, check = check_seen_filler(opts, train_filler)
+    filler = _read_filler(tokenizer, opts.filler, "--filler")
     make_out(opts.out)
-    results = opts.grade(model, tokenizer, device, trained_len, opts.seed, filler)
+    results = opts.grade(model, tokenizer, device, trained_len, opts.seed, filler, opts.templates)
     results.update({"checkpoint": str(loaded.path), "step": loaded.step, "device": str(device), "filler": opts.filler})
+    results.update(protocol(train_filler, opts.filler, check, train_templates, opts.templates))
     table = pkr.passkey_table(results)
     out = write_results(opts.out, results, table)
     png = pkr.plot_passkey_heatmap(results, out / "heatmap.png")

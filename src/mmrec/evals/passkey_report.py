@@ -21,6 +21,7 @@ def passkey_table(results: dict[str, Any]) -> str:
     head = "| depth | " + " | ".join(f"{n:,}" for n in lengths) + " |"
     rule = "|---|" + "---:|" * len(lengths)
     lines = [f"# Passkey retrieval ({results['arch']}, {results['trials']} trials per cell)", ""]
+    lines += protocol_lines(results)
     for title, key, spec in (
         ("Exact match (greedy answer == key)", "exact_match", ".2f"),
         ("Digit log-likelihood (nats per digit token, teacher-forced; 0 is certain)", "digit_logprob", ".3f"),
@@ -29,6 +30,7 @@ def passkey_table(results: dict[str, Any]) -> str:
         for d in depths:
             lines.append(f"| {d:g} | " + " | ".join(_fmt(cell[(n, d)][key], spec) for n in lengths) + " |")
         lines.append("")
+    lines += template_table(results)
     lines += ["## How each length was read", ""]
     for n in lengths:
         c = cell[(n, depths[0])]
@@ -36,6 +38,71 @@ def passkey_table(results: dict[str, Any]) -> str:
         memory = f" ({per_stream:,} bytes of state or KV cache per stream)" if per_stream else ""
         lines.append(f"- {n:,} tokens: {c['note']}{memory}")
     return "\n".join(lines) + "\n"
+
+
+def _files(paths: Any) -> str:
+    return (
+        "the five sentences"
+        if not paths
+        else ", ".join(f"`{p}`" for p in ([paths] if isinstance(paths, str) else paths))
+    )
+
+
+def protocol_lines(results: dict[str, Any]) -> list[str]:
+    """What the test held out from training (filler text, templates) and its distractors, as a few lines."""
+    if "eval_templates" not in results and "templates" not in results:
+        return []  # a grid of an earlier version: the classic template, no distractors
+    lines = []
+    held = results.get("filler_held_out")
+    test_filler = results.get("eval_filler", results.get("filler"))
+    if held is True:
+        lines.append(
+            f"- Filler: {_files(test_filler)}; training read other text ({_files(results.get('train_filler'))})."
+        )
+    elif held is False:
+        lines.append(f"- Filler: {_files(test_filler)}, the text training read too: **not a held-out text**.")
+    else:
+        lines.append(f"- Filler: {_files(test_filler)}; what training read is not known here.")
+    templates = results.get("eval_templates") or results.get("templates") or []
+    held_out = results.get("held_out_templates")
+    text = f"- Key templates: {', '.join(templates)}"
+    if held_out is None:
+        text += " (training's not known here)."
+    elif held_out:
+        text += f"; never seen in training: **{', '.join(held_out)}**."
+    else:
+        text += "; all of them seen in training."
+    lines.append(text)
+    density = results.get("distractors") or 0
+    lines.append(
+        f"- Distractors: {density:g} numbers of the key's format per 1,000 filler tokens, never the key."
+        if density
+        else "- Distractors: none inserted (the filler's own digits are kept)."
+    )
+    return [*lines, ""]
+
+
+def template_table(results: dict[str, Any]) -> list[str]:
+    """Exact match by key template over the cells that ran, when the grid used more than one."""
+    right: dict[str, list[int]] = {}  # template -> [right, trials]
+    for c in results["cells"]:
+        if c.get("exact_match") is None or len(c.get("templates") or []) != len(c.get("right") or []):
+            continue
+        for template, ok in zip(c["templates"], c["right"], strict=True):
+            counts = right.setdefault(template, [0, 0])
+            counts[0] += int(ok)
+            counts[1] += 1
+    if len(right) < 2:
+        return []
+    held_out = set(results.get("held_out_templates") or [])
+    lines = ["## Exact match by key template (all cells)", "", "| template | right | trials | exact match |"]
+    lines.append("|---|---:|---:|---:|")
+    order = [t for t in results.get("eval_templates") or results.get("templates") or [] if t in right]
+    for template in order + [t for t in right if t not in order]:
+        ok, n = right[template]
+        name = f"{template} (held out)" if template in held_out else template
+        lines.append(f"| {name} | {ok} | {n} | {ok / n:.2f} |")
+    return [*lines, ""]
 
 
 def plot_passkey_heatmap(results: dict[str, Any], path: str | Path) -> Path | None:
