@@ -10,9 +10,10 @@ from torch import Tensor, nn
 
 
 @functools.lru_cache(maxsize=64)
-def _scalar(value: float, device: torch.device) -> Tensor:
-    """A kept 0-d tensor (a 0-d tensor takes the dtype of the others in arithmetic)."""
-    return torch.tensor(value, device=device)
+def _scalar(value: float, device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
+    """A kept 0-d tensor (a 0-d tensor takes the dtype of the others in arithmetic, but keeps its own
+    rounding of ``value``: float64 for float64 arithmetic, or eps would be rounded to float32)."""
+    return torch.tensor(value, dtype=dtype, device=device)
 
 
 def rms_norm_step(x: Tensor, weight: Tensor | None, eps: float | None) -> Tensor:
@@ -23,7 +24,8 @@ def rms_norm_step(x: Tensor, weight: Tensor | None, eps: float | None) -> Tensor
     n = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
     if torch.compiler.is_compiling():  # the compiler fuses it all; a cached tensor would be a graph constant
         return (x * torch.rsqrt(n * n / x.size(-1) + eps)) * (1 if weight is None else weight)
-    y = x * torch.rsqrt(torch.addcmul(_scalar(eps, x.device), n, n, value=1 / x.size(-1)))
+    eps_t = _scalar(eps, x.device, torch.float64 if x.dtype == torch.float64 else torch.float32)
+    y = x * torch.rsqrt(torch.addcmul(eps_t, n, n, value=1 / x.size(-1)))
     return y if weight is None else y * weight
 
 
