@@ -411,6 +411,18 @@ def test_passkey_batch_bpe_rows_have_equal_length() -> None:
     for row, target in zip(inputs.tolist(), targets.tolist(), strict=True):
         key = re.search(r"The pass key is (\d{5})", bpe.decode(row)).group(1)
         assert bpe.decode([y for y in target if y != IGNORE]).replace(" ", "") == key * 2
+    # Distractors and another template with a BPE tokenizer: whole numbers between words, the key alone scored.
+    inputs, targets = passkey_batch(
+        bpe, 8, 300, torch.Generator().manual_seed(1), templates=["secret"], distractors=20.0, score_repeat=False
+    )
+    assert inputs.shape == (8, 300)
+    for row, target in zip(inputs.tolist(), targets.tolist(), strict=True):
+        text = bpe.decode(row)
+        key = re.search(r"The secret number is (\d{5})\.", text).group(1)
+        numbers = re.findall(r"\d+", text[: text.rindex(" What is the secret number?")])
+        others = [n for n in numbers if n != key]
+        assert numbers.count(key) == 1 and len(others) >= 3 and all(len(n) == 5 for n in others)
+        assert bpe.decode([y for y in target if y != IGNORE]).strip() == key
 
 
 GRID = ["--lengths", "128", "400", "--depths", "0", "1", "--trials", "2", "--stream-window", "96", "--device", "cpu"]
