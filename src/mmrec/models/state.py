@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor
 
+from mmrec.config import ConfigError, MMRecConfig, TransformerConfig
 from mmrec.utils.files import (
     SEAL_KEY,
     SEAL_PLACEHOLDER,
@@ -229,8 +230,7 @@ class TensorState:
         if meta.get("kind") != cls.kind:
             raise StateError(f"{path} holds a {meta.get('kind')!r} state, not a {cls.kind!r} one")
         if config is not None and "config" in meta:
-            saved = json.loads(meta["config"])
-            diff = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
+            diff = config_differences(json.loads(meta["config"]), config)
             if diff:
                 raise StateError(f"{path} was saved by a model with another config (differs in: {', '.join(diff)})")
         try:
@@ -251,6 +251,33 @@ class TensorState:
         if missing:
             raise StateError(f"state file lacks tensor(s) {', '.join(missing)}")
         return cls(position=position, **{n: tensors[n] for n in names})
+
+
+def _config_class(config: dict[str, Any]) -> Any:
+    """The model config dataclass whose fields ``config`` (a model's ``config.to_dict()``) holds, or None."""
+    for cls in (MMRecConfig, TransformerConfig):
+        if set(config) == {f.name for f in dataclasses.fields(cls)}:
+            return cls
+    return None
+
+
+def config_differences(saved: dict[str, Any], config: dict[str, Any]) -> list[str]:
+    """The fields in which a state's stored config differs from the model's ``config``, sorted.
+
+    A field the stored config lacks was written by an mmrec that did not have it yet: it counts as the
+    field's default (resolved as the config resolves it, e.g. ``d_mem`` from ``d_model``), so a state
+    saved before a field was added still loads into a model that leaves the field at its default."""
+    cls = _config_class(config)
+    if cls is not None and isinstance(saved, dict):
+        names = {f.name for f in dataclasses.fields(cls)}
+        known = {k: v for k, v in saved.items() if k in names}
+        if set(known) != names:
+            try:
+                defaults = cls(**known).to_dict()
+            except (ConfigError, TypeError, ValueError):  # a config that never was valid: defaults unresolved
+                defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+            saved = {**defaults, **saved}
+    return sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
 
 
 def _verify(path: Path) -> None:
