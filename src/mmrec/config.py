@@ -18,6 +18,7 @@ from mmrec.utils.errors import ConfigError
 __all__ = ["ConfigError", "MMRecConfig", "ModelConfig", "TransformerConfig"]
 
 SHORT_TERM_RULES = ("gla", "delta")
+LONG_TERM_MEMORIES = ("slots", "assoc", "both")
 
 T = TypeVar("T")
 
@@ -100,6 +101,13 @@ class MMRecConfig(ConfigMixin):
         default="gla",
         choices=SHORT_TERM_RULES,
     )
+    long_term: str = _doc(
+        "Long-term memory of each block: slots (the hierarchy of chunk summaries and memory slots read by "
+        "attention); assoc (a key-value matrix per head, written once per completed chunk by the gated delta "
+        "rule, so a key's write replaces what it held); both (the two side by side, each its own residual term).",
+        default="slots",
+        choices=LONG_TERM_MEMORIES,
+    )
     selective_write: bool = _doc(
         "Mamba-2-style selection in the short-term memory: the decay g is computed from the convolved features "
         "and each token's write k v^T is scaled by (1 - g), so a token that keeps the state does not write to it.",
@@ -169,6 +177,11 @@ class MMRecConfig(ConfigMixin):
             f"must be one of {', '.join(SHORT_TERM_RULES)}, got {self.short_term!r}",
         )
         _require(
+            self.long_term in LONG_TERM_MEMORIES,
+            "long_term",
+            f"must be one of {', '.join(LONG_TERM_MEMORIES)}, got {self.long_term!r}",
+        )
+        _require(
             isinstance(self.selective_write, bool),
             "selective_write",
             f"must be true or false, got {self.selective_write!r}",
@@ -187,6 +200,16 @@ class MMRecConfig(ConfigMixin):
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def uses_slots(self) -> bool:
+        """Whether the blocks hold the slot memory and its hierarchy (long_term slots or both)."""
+        return self.long_term != "assoc"
+
+    @property
+    def uses_assoc(self) -> bool:
+        """Whether the blocks hold the associative memory (long_term assoc or both)."""
+        return self.long_term != "slots"
 
 
 PRESETS = ("gpt", "llama", "mistral")

@@ -28,12 +28,14 @@ unfinished chunk's keys [H, C, dk], values [H, C, dv], decays and betas [H, C]: 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmrec.ops.assoc import AssocState, assoc_chunked, assoc_init_state, assoc_step
+from mmrec.ops.delta import delta_chunk_states
 from mmrec.ops.scan import accumulation_dtype
 
 
@@ -118,3 +120,55 @@ class AssociativeMemory(nn.Module):
         """One token per stream (decoding): x [B, d_model] -> (y [B, d_model], new state)."""
         o, state = assoc_step(*self._inputs(x), state)  # [B, H, dv]
         return self.out(o.flatten(1)), state
+
+    def read_step(
+        self, x: Tensor, memory: Tensor, pending: Sequence[Tensor], keep: Tensor, row: Tensor
+    ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
+        """:meth:`step` without its chunk write and with no Python branch on positions (for a decoder that
+        writes completed chunks after every layer has read, as MM-Rec's does): x [B, d_model] reads
+        ``memory`` [B, H, dk, dv] and joins ``pending`` (keys, values, log_g, beta of the unfinished
+        chunk) in its stream's row. ``keep``, ``row`` [C, 1] or [B, C, 1] (0/1 in the state's dtype, from
+        :func:`~mmrec.layers.memory.decode_masks`): the rows before the token, and the token's row.
+        Returns y [B, d_model] and the new pending tensors; :meth:`write_rows` then writes the streams
+        whose chunk the token completed."""
+        q, k, v, log_g, beta = self._inputs(x)  # q, k, v [B, H, d]; log_g, beta [B, H]
+        acc = memory.dtype
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            o = (q.to(acc).unsqueeze(-2) @ memory).squeeze(-2)  # [B, H, dv]
+            C = pending[0].size(2)
+            keep4, row4 = keep.reshape(-1, 1, C, 1), row.reshape(-1, 1, C, 1)  # [1 or B, 1, C, 1]
+            keys, values, log_gs, betas = pending
+            # Earlier rows kept, the token in its row, zeros after it (as assoc_step and the chunked form).
+            new = (
+                torch.addcmul(keys * keep4, row4, k.to(acc).unsqueeze(2)),
+                torch.addcmul(values * keep4, row4, v.to(acc).unsqueeze(2)),
+                torch.addcmul(log_gs * keep4[..., 0], row4[..., 0], log_g.unsqueeze(2)),
+                torch.addcmul(betas * keep4[..., 0], row4[..., 0], beta.unsqueeze(2)),
+            )
+        return self.out(o.to(v.dtype).flatten(1)), new
+
+    @staticmethod
+    def write_rows(
+        memory: Tensor, pending: Sequence[Tensor], done: list[int] | None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
+        """Write the completed chunks held in ``pending`` (keys [B, H, C, dk], values, log_g, beta) into
+        ``memory`` [B, H, dk, dv] for the streams ``done`` ([] none, None all) and empty their pending rows;
+        the other streams keep their tensors. No parameters: streams of several layers may be written in one
+        call (flattened into B)."""
+        keys, values, log_g, beta = pending
+        if done is not None and not done:
+            return memory, (keys, values, log_g, beta)
+        C = keys.size(2)
+        if done is None:
+            _, memory = delta_chunk_states(keys, values, log_g, beta, memory, C)
+            return memory, (
+                torch.zeros_like(keys),
+                torch.zeros_like(values),
+                torch.zeros_like(log_g),
+                torch.zeros_like(beta),
+            )
+        idx = torch.tensor(done, device=memory.device)
+        k, v, g, b = (t.index_select(0, idx) for t in pending)
+        _, written = delta_chunk_states(k, v, g, b, memory.index_select(0, idx), C)
+        emptied = tuple(t.index_fill(0, idx, 0.0) for t in pending)
+        return memory.index_copy(0, idx, written), (emptied[0], emptied[1], emptied[2], emptied[3])

@@ -12,12 +12,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmrec.config import MMRecConfig
+from mmrec.layers.assoc_memory import AssociativeMemory
 from mmrec.layers.basic import SwiGLU, rms_norm_step
 from mmrec.layers.memory import LongTermMemory, decode_masks
 from mmrec.layers.short_term import ShortTermMixer
 from mmrec.models.generation import GenerationMixin
 from mmrec.models.output import LMOutput, check_input_ids, lm_loss
 from mmrec.models.state import MMRecState, Position, StateError, position_problem
+from mmrec.ops.assoc import AssocState
 from mmrec.ops.scan import accumulation_dtype
 
 
@@ -27,16 +29,40 @@ def _nothing_blocked(batch: int, entries: int, device: torch.device) -> Tensor:
     return torch.zeros(batch, 1, entries, dtype=torch.bool, device=device)
 
 
+SlotTensors = tuple[Tensor, Tensor, Tensor, Tensor]  # memory, summaries, sequence, pending (one layer or all)
+AssocTensors = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]  # memory, keys, values, log_g, beta
+AssocPending = tuple[Tensor, Tensor, Tensor, Tensor]  # keys, values, log_g, beta of the unfinished chunk
+
+
+def _chunk_offsets(position: Position, chunk_size: int) -> int | tuple[int, ...]:
+    """Tokens of the unfinished chunk: the position mod C, for all streams or each."""
+    if isinstance(position, int):
+        return position % chunk_size
+    return tuple(p % chunk_size for p in position)
+
+
 class MMRecBlock(nn.Module):
-    """x += ShortTermMixer(norm x); x += LongTermMemory(norm x); x += SwiGLU(norm x)."""
+    """x += ShortTermMixer(norm x); x += long-term memory read(s) (norm x); x += SwiGLU(norm x).
+
+    The long-term memory is ``config.long_term``: the slots and their hierarchy (``memory``, LongTermMemory),
+    the associative memory (``assoc``, AssociativeMemory), or both, each a residual term with its own
+    RMSNorm (``norm2``, ``norm_assoc``); the one not used is None."""
 
     def __init__(self, cfg: MMRecConfig) -> None:
         super().__init__()
         assert cfg.d_ff is not None
         self.norm1 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.short_term = ShortTermMixer(cfg)
-        self.norm2 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.memory = LongTermMemory(cfg)
+        self.norm2: nn.RMSNorm | None = None
+        self.memory: LongTermMemory | None = None
+        if cfg.uses_slots:
+            self.norm2 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+            self.memory = LongTermMemory(cfg)
+        self.norm_assoc: nn.RMSNorm | None = None
+        self.assoc: AssociativeMemory | None = None
+        if cfg.uses_assoc:
+            self.norm_assoc = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+            self.assoc = AssociativeMemory(cfg.d_model, cfg.n_heads, cfg.chunk_size)
         self.norm3 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.d_ff)
 
@@ -47,20 +73,27 @@ class MMRecBlock(nn.Module):
         (read inside the block, where FSDP2 has gathered the block's parameters)."""
         y, short, conv = self.short_term(self.norm1(x), st["short"], st["conv"])
         x = x + y
-        memory = st["memory"]
-        if fresh:  # a copy: FSDP2 frees the gathered parameter after the block, and a state may outlive it
-            memory = self.memory.memory_init.to(memory.dtype).expand_as(memory).clone()
-        long_term = self.memory(self.norm2(x), memory, st["summaries"], st["sequence"], st["pending"], position)
-        x = x + long_term.y
+        new = {"short": short, "conv": conv}
+        if self.memory is not None:
+            assert self.norm2 is not None
+            memory = st["memory"]
+            if fresh:  # a copy: FSDP2 frees the gathered parameter after the block, and a state may outlive it
+                memory = self.memory.memory_init.to(memory.dtype).expand_as(memory).clone()
+            long_term = self.memory(self.norm2(x), memory, st["summaries"], st["sequence"], st["pending"], position)
+            x = x + long_term.y
+            new["memory"] = long_term.memory
+            new["summaries"] = long_term.summaries
+            new["sequence"] = long_term.sequence
+            new["pending"] = long_term.pending
+        if self.assoc is not None:
+            assert self.norm_assoc is not None
+            a_memory, a_keys, a_values, a_log_g, a_beta = (st[name] for name in MMRecState.assoc_fields)
+            offsets = _chunk_offsets(position, self.assoc.chunk_size)
+            assoc_in = AssocState(a_memory, a_keys, a_values, a_log_g, a_beta, offsets)
+            y, assoc_out = self.assoc(self.norm_assoc(x), assoc_in)
+            x = x + y
+            new.update(zip(MMRecState.assoc_fields, assoc_out.tensors, strict=True))
         x = x + self.mlp(self.norm3(x))
-        new = {
-            "short": short,
-            "conv": conv,
-            "memory": long_term.memory,
-            "summaries": long_term.summaries,
-            "sequence": long_term.sequence,
-            "pending": long_term.pending,
-        }
         return x, new
 
     def step(
@@ -68,28 +101,37 @@ class MMRecBlock(nn.Module):
         x: Tensor,
         short: Tensor,
         conv: Tensor,
-        memory: Tensor,
-        summaries: Tensor,
-        sequence: Tensor,
-        pending: Tensor,
+        slots: SlotTensors | None,
+        assoc: AssocTensors | None,
         keep: Tensor,
         row: Tensor,
         blocked: Tensor | None,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """One token per stream (decoding), x [B, d], without the memory's chunk write: returns x and the
-        new (short, conv, pending); ``keep``, ``row``, ``blocked`` from
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, AssocPending | None]:
+        """One token per stream (decoding), x [B, d], without the memories' chunk writes: returns x, the
+        new short and conv, the slot memory's new pending and the associative memory's new pending
+        tensors (None for a memory the block does not have); ``keep``, ``row``, ``blocked`` from
         :func:`~mmrec.layers.memory.decode_masks`. The maths of :meth:`forward`, called as plain
         functions (at one token the time goes to per-op overhead, not arithmetic), with no Python
         branch on positions: the caller writes completed chunks after all layers have read."""
-        n1, n2, n3 = self.norm1, self.norm2, self.norm3
+        n1, n3 = self.norm1, self.norm3
         y, short, conv = self.short_term.step(rms_norm_step(x, n1.weight, n1.eps), short, conv)
         x = x + y
-        h = rms_norm_step(x, n2.weight, n2.eps)
-        x = x + self.memory.read_step(h, memory, summaries, sequence, blocked)
-        pending = torch.addcmul(pending * keep, row, h.unsqueeze(1))
+        pending = None
+        if self.memory is not None and slots is not None:
+            assert self.norm2 is not None
+            memory, summaries, sequence, pending = slots
+            h = rms_norm_step(x, self.norm2.weight, self.norm2.eps)
+            x = x + self.memory.read_step(h, memory, summaries, sequence, blocked)
+            pending = torch.addcmul(pending * keep, row, h.unsqueeze(1))
+        assoc_pending = None
+        if self.assoc is not None and assoc is not None:
+            assert self.norm_assoc is not None
+            h = rms_norm_step(x, self.norm_assoc.weight, self.norm_assoc.eps)
+            y, assoc_pending = self.assoc.read_step(h, assoc[0], assoc[1:], keep, row)
+            x = x + y
         gate, up = F.linear(rms_norm_step(x, n3.weight, n3.eps), self.mlp.w13.weight).chunk(2, -1)
         x = x + F.linear(F.silu(gate) * up, self.mlp.w2.weight)
-        return x, short, conv, pending
+        return x, short, conv, pending, assoc_pending
 
 
 class MMRecLM(nn.Module, GenerationMixin):
@@ -120,13 +162,18 @@ class MMRecLM(nn.Module, GenerationMixin):
                 nn.init.normal_(p, 0.0, std)
         for block in self.layers:
             # GPT-2: residual projections scaled down by depth.
-            for lin in (block.short_term.out, block.memory.out, block.mlp.w2):
+            outs = [block.short_term.out] + ([block.memory.out] if block.memory is not None else []) + [block.mlp.w2]
+            for lin in outs:
                 nn.init.normal_(lin.weight, 0.0, std / math.sqrt(2 * self.config.n_layers))
-            nn.init.normal_(block.memory.write_queries, 0.0, 1.0)
-            nn.init.normal_(block.memory.memory_init, 0.0, std)
+            if block.memory is not None:
+                nn.init.normal_(block.memory.write_queries, 0.0, 1.0)
+                nn.init.normal_(block.memory.memory_init, 0.0, std)
             nn.init.zeros_(block.short_term.decay.weight)
             block.short_term.reset_decay()
-            block.memory.reset_gates()
+            if block.memory is not None:
+                block.memory.reset_gates()
+            if block.assoc is not None:  # zero output projection, decays spread over heads, beta 1/2
+                block.assoc.reset_parameters()
 
     def write_gate_mean(self) -> Tensor:
         """Mean sparse-write gate relu(W_s x + b_s) of the last training forward, over layers, heads and
@@ -145,28 +192,49 @@ class MMRecLM(nn.Module, GenerationMixin):
         return self.embed.weight.device
 
     def init_state(self, batch_size: int = 1) -> MMRecState:
-        """The state of ``batch_size`` fresh streams (memory slots at their learned start)."""
+        """The state of ``batch_size`` fresh streams (memory slots at their learned start; an empty
+        associative memory)."""
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         state = self._zero_state(batch_size)
-        memory = torch.stack([blk.memory.memory_init.to(state.memory.dtype) for blk in self.layers])  # [L, n_slots, dm]
-        return dataclasses.replace(state, memory=memory.unsqueeze(1).expand_as(state.memory).clone())
+        if state.memory is None:
+            return state
+        return dataclasses.replace(state, memory=self._initial_slots(state.memory))
+
+    def _initial_slots(self, like: Tensor) -> Tensor:
+        """The memory slots at their learned start, a new tensor shaped and typed as ``like`` [L, B, S, dm]."""
+        memory = torch.stack([cast(LongTermMemory, blk.memory).memory_init.to(like.dtype) for blk in self.layers])
+        return memory.unsqueeze(1).expand_as(like).clone()  # [L, B, S, dm]
+
+    def _state_shapes(self, batch_size: int) -> dict[str, tuple[int, ...]]:
+        """The shape of each tensor of this model's state for ``batch_size`` streams."""
+        c, L, B = self.config, self.config.n_layers, batch_size
+        assert c.d_mem is not None
+        shapes: dict[str, tuple[int, ...]] = {
+            "short": (L, B, c.n_heads, c.head_dim, c.head_dim),
+            "conv": (L, B, max(c.conv_size - 1, 0), c.d_model),
+        }
+        if c.uses_slots:
+            shapes["memory"] = (L, B, c.mem_slots, c.d_mem)
+            shapes["summaries"] = (L, B, c.summary_window, c.d_mem)
+            shapes["sequence"] = (L, B, c.d_mem)
+            shapes["pending"] = (L, B, c.chunk_size, c.d_model)
+        if c.uses_assoc:
+            H, d, C = c.n_heads, c.head_dim, c.chunk_size
+            shapes["assoc_memory"] = (L, B, H, d, d)
+            shapes["assoc_keys"] = (L, B, H, C, d)
+            shapes["assoc_values"] = (L, B, H, C, d)
+            shapes["assoc_log_g"] = (L, B, H, C)
+            shapes["assoc_beta"] = (L, B, H, C)
+        return shapes
 
     def _zero_state(self, batch_size: int) -> MMRecState:
-        c, B, dev = self.config, batch_size, self.device
         acc = accumulation_dtype(self.embed.weight.dtype)
-        L, d, dm = c.n_layers, c.d_model, c.d_mem
-        assert dm is not None
-        zeros = lambda *shape: torch.zeros(*shape, dtype=acc, device=dev)  # noqa: E731
-        return MMRecState(
-            position=0,
-            short=zeros(L, B, c.n_heads, c.head_dim, c.head_dim),
-            conv=zeros(L, B, max(c.conv_size - 1, 0), d),
-            memory=zeros(L, B, c.mem_slots, dm),
-            summaries=zeros(L, B, c.summary_window, dm),
-            sequence=zeros(L, B, dm),
-            pending=zeros(L, B, c.chunk_size, d),
-        )
+        tensors = {
+            name: torch.zeros(*shape, dtype=acc, device=self.device)
+            for name, shape in self._state_shapes(batch_size).items()
+        }
+        return MMRecState(position=0, **tensors)
 
     def check_state(self, state: Any, batch_size: int) -> MMRecState:
         if not isinstance(state, MMRecState):
@@ -175,15 +243,12 @@ class MMRecLM(nn.Module, GenerationMixin):
             )
         if state.batch_size != batch_size:
             raise StateError(f"state holds {state.batch_size} stream(s) but input_ids has batch size {batch_size}")
-        c = self.config
-        shapes = {
-            "short": (c.n_layers, batch_size, c.n_heads, c.head_dim, c.head_dim),
-            "conv": (c.n_layers, batch_size, max(c.conv_size - 1, 0), c.d_model),
-            "memory": (c.n_layers, batch_size, c.mem_slots, c.d_mem),
-            "summaries": (c.n_layers, batch_size, c.summary_window, c.d_mem),
-            "sequence": (c.n_layers, batch_size, c.d_mem),
-            "pending": (c.n_layers, batch_size, c.chunk_size, c.d_model),
-        }
+        shapes = self._state_shapes(batch_size)
+        if state.long_term != self.config.long_term:
+            raise StateError(
+                f"state does not match this model: it holds the {state.long_term!r} long-term memory, this model "
+                f"has long_term={self.config.long_term!r} (was the state made by a model with another config?)"
+            )
         for name, t in state.tensors().items():
             if tuple(t.shape) != shapes[name]:
                 raise StateError(
@@ -248,67 +313,103 @@ class MMRecLM(nn.Module, GenerationMixin):
     ) -> tuple[Tensor, MMRecState]:
         """:meth:`hidden_states` of one token per stream, ids [B]: every layer reads (:meth:`_decode_reads`,
         compiled after :meth:`compile_decoding`), then the streams whose chunk this token completes are
-        written, layer by layer."""
+        written: the slots layer by layer, the associative memories of all layers in one call."""
         c = self.config
-        memory = state.memory
-        if fresh:  # a copy: a state may outlive the parameter
-            memory = torch.stack([blk.memory.memory_init.to(memory.dtype) for blk in self.layers])
-            memory = memory.unsqueeze(1).expand_as(state.memory).clone()
-        keep, row, blocked, done = decode_masks(position, c.chunk_size, c.mem_slots, c.summary_window, state.pending)
+        slots: SlotTensors | None = None
+        if state.memory is not None:
+            assert state.summaries is not None and state.sequence is not None and state.pending is not None
+            # Fresh streams: a copy of the learned start (a state may outlive the parameter).
+            memory = self._initial_slots(state.memory) if fresh else state.memory
+            slots = (memory, state.summaries, state.sequence, state.pending)
+        assoc: AssocTensors | None = None
+        if state.assoc_memory is not None:
+            assoc = cast(AssocTensors, tuple(getattr(state, name) for name in MMRecState.assoc_fields))
+        like = slots[3] if slots is not None else cast(AssocTensors, assoc)[1]  # the masks' dtype and device
+        keep, row, blocked, done = decode_masks(position, c.chunk_size, c.mem_slots, c.summary_window, like)
+        if slots is None:
+            blocked = None  # only the slots' read uses it
         reads = self._decode_reads
         if self._compiled_reads is not None:
             reads = self._compiled_reads
-            if blocked is None:  # one graph whether or not a stream may read everything
+            if blocked is None and slots is not None:  # one graph whether or not a stream may read everything
                 blocked = _nothing_blocked(
                     1 if isinstance(position, int) else len(position),
-                    memory.size(2) + c.summary_window + 2,
-                    memory.device,
+                    slots[0].size(2) + c.summary_window + 2,
+                    like.device,
                 )
-        hidden, short, conv, pending = reads(
-            ids, state.short, state.conv, memory, state.summaries, state.sequence, state.pending, keep, row, blocked
+        hidden, short, conv, pending, assoc_pending = reads(
+            ids, state.short, state.conv, slots, assoc, keep, row, blocked
         )
-        summaries, sequence = state.summaries, state.sequence
-        if done is None or done:
-            dtype = self.embed.weight.dtype
-            written = [
-                blk.memory.write_rows(pending[i], memory[i], summaries[i], sequence[i], done, dtype)
-                for i, blk in enumerate(self.layers)
-            ]
-            memory, summaries, sequence, pending = (torch.stack(ts) for ts in zip(*written, strict=True))
+        new: dict[str, Tensor] = {"short": short, "conv": conv}
+        write = done is None or bool(done)
+        if slots is not None:
+            assert pending is not None
+            memory, summaries, sequence = slots[:3]
+            if write:
+                dtype = self.embed.weight.dtype
+                written = [
+                    cast(LongTermMemory, blk.memory).write_rows(
+                        pending[i], memory[i], summaries[i], sequence[i], done, dtype
+                    )
+                    for i, blk in enumerate(self.layers)
+                ]
+                memory, summaries, sequence, pending = (torch.stack(ts) for ts in zip(*written, strict=True))
+            new.update(memory=memory, summaries=summaries, sequence=sequence, pending=pending)
+        if assoc is not None:
+            assert assoc_pending is not None
+            assoc_memory = assoc[0]
+            if write:  # no parameters in the write: the layers' streams go as one batch [L * B, ...]
+                L, B = assoc_memory.shape[:2]
+                rows = None if done is None else [i * B + b for i in range(L) for b in done]
+                assoc_memory, flat = AssociativeMemory.write_rows(
+                    assoc_memory.flatten(0, 1), [t.flatten(0, 1) for t in assoc_pending], rows
+                )
+                assoc_memory = assoc_memory.unflatten(0, (L, B))
+                assoc_pending = cast(AssocPending, tuple(t.unflatten(0, (L, B)) for t in flat))
+            new.update(zip(MMRecState.assoc_fields, (assoc_memory, *assoc_pending), strict=True))
         new_position = position + 1 if isinstance(position, int) else tuple(p + 1 for p in position)
-        return hidden.unsqueeze(1), MMRecState(new_position, short, conv, memory, summaries, sequence, pending)
+        return hidden.unsqueeze(1), MMRecState(new_position, **new)
 
     def _decode_reads(
         self,
         ids: Tensor,
         short: Tensor,
         conv: Tensor,
-        memory: Tensor,
-        summaries: Tensor,
-        sequence: Tensor,
-        pending: Tensor,
+        slots: SlotTensors | None,
+        assoc: AssocTensors | None,
         keep: Tensor,
         row: Tensor,
         blocked: Tensor | None,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """The final normed hidden state [B, d] of one token per stream and the stacked new short, conv
-        and pending: all of a decoding step but the chunk writes, no Python branch on positions."""
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, AssocPending | None]:
+        """The final normed hidden state [B, d] of one token per stream and the stacked new short, conv,
+        slot pending and associative pending tensors (None for a memory the model does not have): all of
+        a decoding step but the chunk writes, no Python branch on positions."""
         x = F.embedding(ids, self.embed.weight)  # [B, d]
-        shorts, convs, pendings = [], [], []
+        shorts, convs, pendings, assoc_pendings = [], [], [], []
         for i, block in enumerate(self.layers):
-            x, s, cv, p = block.step(
-                x, short[i], conv[i], memory[i], summaries[i], sequence[i], pending[i], keep, row, blocked
-            )
+            layer_slots = None if slots is None else cast(SlotTensors, tuple(t[i] for t in slots))
+            layer_assoc = None if assoc is None else cast(AssocTensors, tuple(t[i] for t in assoc))
+            x, s, cv, p, ap = block.step(x, short[i], conv[i], layer_slots, layer_assoc, keep, row, blocked)
             shorts.append(s)
             convs.append(cv)
-            pendings.append(p)
+            if p is not None:
+                pendings.append(p)
+            if ap is not None:
+                assoc_pendings.append(ap)
         n = self.norm
-        return rms_norm_step(x, n.weight, n.eps), torch.stack(shorts), torch.stack(convs), torch.stack(pendings)
+        pending = torch.stack(pendings) if pendings else None
+        assoc_pending = None
+        if assoc_pendings:
+            assoc_pending = cast(AssocPending, tuple(torch.stack(ts) for ts in zip(*assoc_pendings, strict=True)))
+        return rms_norm_step(x, n.weight, n.eps), torch.stack(shorts), torch.stack(convs), pending, assoc_pending
 
     def compile_decoding(self, enabled: bool = True, warm_up: tuple[int, ...] = (1,), **compile_kwargs: Any) -> None:
         """Decode one token per stream through ``torch.compile``: the default inductor backend fuses the
-        step's few hundred small ops (on the CPU it needs a C++ compiler). Chunk writes stay eager.
-        Outputs equal the eager step's to rounding (tests/test_compiled_decode.py).
+        step's few hundred small ops (on the CPU it needs a C++ compiler). Chunk writes stay eager: the
+        graph holds every layer's reads and pending-row updates, of the slots and of the associative
+        memory (``long_term`` assoc or both) alike, with no branch on positions; the streams whose chunk
+        a token completes are written after it, outside the graph.
+        Outputs equal the eager step's to rounding (tests/test_compiled_decode.py, tests/test_assoc_wiring.py).
 
         A graph is compiled for one stream and one for several (any count; streams at one position and
         at different positions each have one): ``warm_up`` compiles them now for these batch sizes (a

@@ -308,12 +308,48 @@ class MMRecState(TensorState):
     """
 
     kind: ClassVar[str] = "mmrec"
+    # The tensors of each long-term memory (MMRecConfig.long_term): all present or all None.
+    slot_fields: ClassVar[tuple[str, ...]] = ("memory", "summaries", "sequence", "pending")
+    assoc_fields: ClassVar[tuple[str, ...]] = (
+        "assoc_memory",
+        "assoc_keys",
+        "assoc_values",
+        "assoc_log_g",
+        "assoc_beta",
+    )
     short: Tensor  # [L, B, H, dk, dv] level-0 matrix states
     conv: Tensor  # [L, B, K-1, d] last inputs of the short convolution
-    memory: Tensor  # [L, B, S, dm] level-3 long-term slots
-    summaries: Tensor  # [L, B, W, dm] level-1 FIFO of chunk summaries, oldest first
-    sequence: Tensor  # [L, B, dm] level-2 running summary
-    pending: Tensor  # [L, B, C, d] block inputs of the unfinished chunk (position % C rows used)
+    # Slot memory (long_term slots or both; None with assoc).
+    memory: Tensor | None = None  # [L, B, S, dm] level-3 long-term slots
+    summaries: Tensor | None = None  # [L, B, W, dm] level-1 FIFO of chunk summaries, oldest first
+    sequence: Tensor | None = None  # [L, B, dm] level-2 running summary
+    pending: Tensor | None = None  # [L, B, C, d] block inputs of the unfinished chunk (position % C rows used)
+    # Associative memory (long_term assoc or both; None with slots), see mmrec.ops.assoc.AssocState.
+    assoc_memory: Tensor | None = None  # [L, B, H, dk, dv] key -> value matrix of the completed chunks
+    assoc_keys: Tensor | None = None  # [L, B, H, C, dk] keys of the unfinished chunk (position % C rows used)
+    assoc_values: Tensor | None = None  # [L, B, H, C, dv]
+    assoc_log_g: Tensor | None = None  # [L, B, H, C] log decays of the unfinished chunk
+    assoc_beta: Tensor | None = None  # [L, B, H, C] write steps of the unfinished chunk
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for group in (self.slot_fields, self.assoc_fields):
+            held = [name for name in group if getattr(self, name) is not None]
+            if held and len(held) != len(group):
+                missing = [name for name in group if name not in held]
+                raise StateError(f"an MM-Rec state with {', '.join(held)} needs {', '.join(missing)} too")
+        if self.memory is None and self.assoc_memory is None:
+            raise StateError(
+                "an MM-Rec state needs the tensors of a long-term memory: "
+                f"{', '.join(self.slot_fields)} (slots) or {', '.join(self.assoc_fields)} (assoc)"
+            )
+
+    @property
+    def long_term(self) -> str:
+        """The long-term memory this state holds: slots, assoc or both (MMRecConfig.long_term)."""
+        if self.assoc_memory is None:
+            return "slots"
+        return "assoc" if self.memory is None else "both"
 
     @property
     def batch_size(self) -> int:
@@ -321,7 +357,27 @@ class MMRecState(TensorState):
 
     @property
     def batch_key(self) -> Hashable:
-        return self.kind
+        # Any two states of one model batch; states with other memories cannot.
+        return self.kind if self.long_term == "slots" else (self.kind, self.long_term)
+
+    def _batch_key_problem(self, keys: list[Hashable]) -> str:
+        kinds = sorted({k[1] if isinstance(k, tuple) else "slots" for k in keys})
+        return f"they hold different long-term memories ({', '.join(kinds)}): states of one model batch"
+
+    @classmethod
+    def _from_tensors(cls, position: Position, tensors: dict[str, Tensor]) -> Any:
+        missing = [n for n in ("short", "conv") if n not in tensors]
+        has_slots = any(n in tensors for n in cls.slot_fields)
+        has_assoc = any(n in tensors for n in cls.assoc_fields)
+        for present, group in ((has_slots, cls.slot_fields), (has_assoc, cls.assoc_fields)):
+            if present:
+                missing += [n for n in group if n not in tensors]
+        if not has_slots and not has_assoc:
+            missing += list(cls.slot_fields)  # what a file saved before the associative memory lacks
+        if missing:
+            raise StateError(f"state file lacks tensor(s) {', '.join(missing)}")
+        names = ("short", "conv", *cls.slot_fields, *cls.assoc_fields)
+        return cls(position=position, **{n: tensors[n] for n in names if n in tensors})
 
 
 @dataclass
