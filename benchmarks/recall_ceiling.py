@@ -1150,6 +1150,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         plan = build_plan(opts)
         info = preflight(opts, plan)
+        if opts.threads:  # the speed measured with the threads the runs will use
+            import torch
+
+            torch.set_num_threads(opts.threads)
         speeds = measure_speed(plan, opts.measure_speed or 20.0) if opts.measure_speed or opts.minutes else None
         if opts.minutes:
             assert speeds is not None
