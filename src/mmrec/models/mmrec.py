@@ -23,6 +23,13 @@ from mmrec.ops.assoc import AssocState
 from mmrec.ops.scan import accumulation_dtype
 
 
+def _sharded(block: MMRecBlock) -> bool:
+    """Whether FSDP2 keeps ``block``'s parameters sharded (DTensors) outside the block's own forward: the
+    one-token path calls the blocks' ``step`` directly, without the hooks that gather them, so a model
+    sharded for training decodes through the blocks' forward instead (same maths, more ops)."""
+    return type(block.norm1.weight).__name__ == "DTensor"
+
+
 @functools.lru_cache(maxsize=64)
 def _nothing_blocked(batch: int, entries: int, device: torch.device) -> Tensor:
     """An all-False read mask [batch, 1, entries] (kept; only read)."""
@@ -294,7 +301,7 @@ class MMRecLM(nn.Module, GenerationMixin):
                     f"together one token at a time, but a call of {T} tokens must feed the streams separately "
                     "(prefill each stream alone, then cat the states and decode them together)"
                 )
-        if T == 1:
+        if T == 1 and not _sharded(self.layers[0]):
             return self._step_hidden(ids[:, 0], state, position, fresh)
         x = self.embed(ids)  # [B, T, d]
         per_layer: list[dict[str, Tensor]] = []
