@@ -35,7 +35,7 @@ from mmrec.stages import (
 )
 from mmrec.stages import tracker as tracker_mod
 from mmrec.stages.probes import build_knowledge_probes, window_hashes
-from mmrec.stages.tracker import warmup_slots
+from mmrec.stages.windows import warmup_slots
 from mmrec.tokenizer import ByteTokenizer
 
 WORD_TEXT = (

@@ -31,10 +31,8 @@ model from nothing), to compare with numbers measured before.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -43,7 +41,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mmrec.models.state import KVCache, TensorState
 from mmrec.stages.criteria import (
     SEED_BYTES_PER_TOKEN,
     StageThresholds,
@@ -62,133 +59,25 @@ from mmrec.stages.probes import (
     model_predictions,
     score_predictions,
 )
+from mmrec.stages.windows import (
+    buckets,
+    carries_state,
+    cut_means,
+    cut_plan,
+    cut_windows,
+    digest,
+    json_safe,
+    mean_se,
+    warmup_slots,
+    window_stats,
+    write_json,
+)
 from mmrec.utils.device import model_device
 
 CACHE_FORMAT = 1
 STAGES_FILE = "stages.json"
 STAGES_PLOT = "stages.png"
 REFS_FILE = "stage_refs.json"
-
-
-# Windows.
-def _buckets(L: int) -> tuple[slice, slice, list[int]]:
-    """Early positions [0, L/16), late [L/2, L), and log2 bucket edges 0, 1, 2, 4, ..., L for the position curve."""
-    early = slice(0, max(1, L // 16))
-    late = slice(L // 2, L)
-    edges = [0, 1]
-    while edges[-1] * 2 < L:
-        edges.append(edges[-1] * 2)
-    edges.append(L)
-    return early, late, edges
-
-
-def _cut_plan(L: int) -> tuple[int, int, int]:
-    """History cut E = L/16 (the early bucket's length) and the targets [a, b) of the second half it covers."""
-    cut = max(1, L // 16)
-    a = L // 2
-    return cut, a, a + (L - a) // cut * cut
-
-
-def _cut_windows(windows: np.ndarray) -> np.ndarray:
-    """The second half of every window as pieces of E + 1 tokens: its targets with the history cut every E tokens."""
-    L = windows.shape[1] - 1
-    cut, a, b = _cut_plan(L)
-    pieces = [windows[:, s : s + cut + 1] for s in range(a, b, cut)]
-    return np.stack(pieces, axis=1).reshape(-1, cut + 1)
-
-
-def _cut_means(cut_losses: np.ndarray, n_windows: int) -> np.ndarray:
-    """Mean loss per window [n] of the pieces of ``_cut_windows`` (losses [n * pieces, E])."""
-    return cut_losses.reshape(n_windows, -1).mean(axis=1)
-
-
-def _window_stats(losses: np.ndarray) -> dict[str, list[float]]:
-    """Per-window means over all, early, late and gain positions, and the mean position curve in log2 buckets."""
-    L = losses.shape[1]
-    early, late, edges = _buckets(L)
-    _, a, b = _cut_plan(L)
-    return {
-        "mean": losses.mean(axis=1).tolist(),
-        "early": losses[:, early].mean(axis=1).tolist(),
-        "late": losses[:, late].mean(axis=1).tolist(),
-        "gain_full": losses[:, a:b].mean(axis=1).tolist(),
-        "curve": [float(losses[:, lo:hi].mean()) for lo, hi in zip(edges[:-1], edges[1:], strict=True)],
-    }
-
-
-def _doc_ids(stream: np.ndarray, eot_id: int) -> np.ndarray:
-    """The document of every token of a stream (each document starts with its end-of-text id)."""
-    return np.cumsum(stream == eot_id)
-
-
-def warmup_slots(
-    stream: np.ndarray, L: int, chosen: np.ndarray, eot_id: int, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """For each window slot in ``chosen``, the slot of the stream whose first L tokens warm a carried state.
-
-    Slot ``c`` holds ``stream[c * (L + 1) : (c + 1) * (L + 1)]``. A window's
-    warm-up slot is drawn (seeded) from the slots that share no document with
-    it; failing that (validation text of one or two documents), from the
-    slots other than the window's own and the one just before it (its
-    history); failing that, -1. Returns the slots and, per window, the kind:
-    0 other documents, 1 same document, 2 none.
-    """
-    slots = len(stream) // (L + 1)
-    docs = _doc_ids(stream, eot_id)
-    starts = np.arange(slots) * (L + 1)
-    first, last = docs[starts], docs[starts + L]
-    picked = np.full(len(chosen), -1, dtype=np.int64)
-    kind = np.full(len(chosen), 2, dtype=np.int64)
-    every = np.arange(slots)
-    for i, s in enumerate(chosen):
-        allowed = (every != s) & (every != s - 1)
-        other_docs = allowed & ((last < first[s]) | (first > last[s]))
-        for k, pool in enumerate((other_docs, allowed)):
-            if pool.any():
-                picked[i], kind[i] = int(rng.choice(every[pool])), k
-                break
-    return picked, kind
-
-
-def _carries_state(state: Any) -> bool:
-    """A state carried between training windows (MM-Rec's), not a KV cache of the text itself (or nothing)."""
-    return isinstance(state, TensorState) and not isinstance(state, KVCache)
-
-
-def _mean_se(x: np.ndarray) -> tuple[float, float]:
-    if x.size == 0:
-        return math.nan, math.nan
-    se = float(x.std(ddof=1) / math.sqrt(x.size)) if x.size > 1 else math.nan
-    return float(x.mean()), se
-
-
-def _digest(*arrays: np.ndarray) -> str:
-    h = hashlib.sha256()
-    for a in arrays:
-        h.update(np.ascontiguousarray(a, dtype=np.int64).tobytes())
-        h.update(str(a.shape).encode())
-    return h.hexdigest()[:16]
-
-
-def _json_safe(x: Any) -> Any:
-    """NaN and infinities as null: stages.json is strict JSON."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {str(k): _json_safe(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _json_safe(x.tolist())
-    if isinstance(x, np.generic):
-        return _json_safe(x.item())
-    return x
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(_json_safe(data), indent=1, allow_nan=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # The tracker.
@@ -255,7 +144,7 @@ class StageTracker:
         self.order = order if order is not None else (3 if bpt >= 1.5 else 5)
         self.windows, self.window_info = self._make_windows(val, int(eval_seq_len), window_tokens, seed)
         self.L = self.windows.shape[1] - 1
-        self.cut_windows = _cut_windows(self.windows)
+        self.cut_windows = cut_windows(self.windows)
         self.warmup = self._make_warmup(val, seed)
 
         # Probes: knowledge rows are short spans; induction and lookup rows as long as the model's windows allow.
@@ -281,8 +170,8 @@ class StageTracker:
             "max_ref_tokens": int(max_ref_tokens),
             "max_eval_tokens": int(max_eval_tokens),
             "seed": seed,
-            "windows": _digest(self.windows),
-            "probes": _digest(*(p.ids for p in self.probes.values()), *(p.mask for p in self.probes.values())),
+            "windows": digest(self.windows),
+            "probes": digest(*(p.ids for p in self.probes.values()), *(p.mask for p in self.probes.values())),
         }
         cache = Path(cache_path) if cache_path is not None else None
         cached = self._read_cache(cache)
@@ -290,7 +179,7 @@ class StageTracker:
             cached = self._compute_references(max_ref_tokens, max_eval_tokens)
             if cache is not None:
                 cache.parent.mkdir(parents=True, exist_ok=True)
-                _write_json(cache, {"key": self.cache_key, **cached})
+                write_json(cache, {"key": self.cache_key, **cached})
         self.references: dict[str, Any] = cached["references"]
         self.ref_windows: dict[str, dict[str, list[float]]] = cached["windows"]
         self.ref_probes: dict[str, dict[str, float]] = cached["probes"]
@@ -314,8 +203,8 @@ class StageTracker:
         chosen = np.sort(rng.choice(slots, size=n, replace=False))
         self._window_slots = chosen
         windows = np.stack([stream[s * (L + 1) : (s + 1) * (L + 1)] for s in chosen])
-        early, late, edges = _buckets(L)
-        cut, a, b = _cut_plan(L)
+        early, late, edges = buckets(L)
+        cut, a, b = cut_plan(L)
         info |= {
             "len": L,
             "n": n,
@@ -359,7 +248,7 @@ class StageTracker:
             "other_documents": int((kind == 0).sum()),
             "same_document_not_preceding": int((kind == 1).sum()),
             "training_text": int(missing.size),
-            "digest": _digest(warm),
+            "digest": digest(warm),
             "used": self.warm_start,
         }
         self.window_info["start"] = self.start_condition(None)
@@ -386,7 +275,7 @@ class StageTracker:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             return None
-        if not isinstance(data, dict) or data.get("key") != _json_safe(self.cache_key):
+        if not isinstance(data, dict) or data.get("key") != json_safe(self.cache_key):
             return None
         return data
 
@@ -396,9 +285,9 @@ class StageTracker:
         )
         kn = refs.kneser_ney
         windows = {
-            "ngram": _window_stats(kn.window_losses(self.windows)),
-            "unigram": _window_stats(-refs.unigram_logp[self.windows[:, 1:]]),
-            "ngram_cut": _cut_means(kn.window_losses(self.cut_windows), len(self.windows)).tolist(),
+            "ngram": window_stats(kn.window_losses(self.windows)),
+            "unigram": window_stats(-refs.unigram_logp[self.windows[:, 1:]]),
+            "ngram_cut": cut_means(kn.window_losses(self.cut_windows), len(self.windows)).tolist(),
         }
         probes = {name: self._ngram_probe(kn, p) for name, p in self.probes.items()}
         return {"references": refs.summary, "windows": windows, "probes": probes}
@@ -427,7 +316,7 @@ class StageTracker:
         dev = model_device(model, self.device)
         with autocast_context(autocast):
             probe = model(torch.as_tensor(self.warmup[:1, :1], dtype=torch.long, device=dev))
-        if not _carries_state(getattr(probe, "state", None)):
+        if not carries_state(getattr(probe, "state", None)):
             return None
         # Through forward (not a head-less method): FSDP gathers the root's parameters in forward's hooks.
         rows = max(1, min(self.batch_size, LOGIT_BUDGET // max(self.L * self.vocab_size, 1)))
@@ -537,18 +426,18 @@ class StageTracker:
         Transformer from an empty cache, a carried-state model from its state
         after unrelated text, so a model gains only from the window's own text.
         """
-        early, late, edges = _buckets(losses.shape[1])
-        _, a, b = _cut_plan(losses.shape[1])
+        early, late, edges = buckets(losses.shape[1])
+        _, a, b = cut_plan(losses.shape[1])
         ng, uni = self.ref_windows["ngram"], self.ref_windows["unigram"]
         model_mean = losses.mean(axis=1)
         model_early, model_late = losses[:, early].mean(axis=1), losses[:, late].mean(axis=1)
-        model_gain = _cut_means(cut_losses, len(losses)) - losses[:, a:b].mean(axis=1)
+        model_gain = cut_means(cut_losses, len(losses)) - losses[:, a:b].mean(axis=1)
         ng_mean, ng_early, ng_late = (np.asarray(ng[k]) for k in ("mean", "early", "late"))
         ng_gain = np.asarray(self.ref_windows["ngram_cut"]) - np.asarray(ng["gain_full"])
         uni_mean = np.asarray(uni["mean"])
-        uni_gap, uni_se = _mean_se(uni_mean - model_mean)
-        ng_gap, ng_se = _mean_se(ng_mean - model_mean)
-        excess, excess_se = _mean_se(model_gain - ng_gain)
+        uni_gap, uni_se = mean_se(uni_mean - model_mean)
+        ng_gap, ng_se = mean_se(ng_mean - model_mean)
+        excess, excess_se = mean_se(model_gain - ng_gain)
         n_bytes = float(self.token_bytes[self.windows[:, 1:]].sum())
         self.position_curve = {
             "edges": edges,
@@ -624,7 +513,7 @@ class StageTracker:
         out.mkdir(parents=True, exist_ok=True)
         data = self.stages()
         path = out / STAGES_FILE
-        _write_json(path, data)
+        write_json(path, data)
         plot_stages(data, out / STAGES_PLOT)
         return path
 
