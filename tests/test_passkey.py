@@ -22,13 +22,15 @@ import mmrec
 from mmrec.cli import main
 from mmrec.cli import tasks as cli_tasks
 from mmrec.evals.passkey import (
-    FILLER_SENTENCES,
-    QUESTION,
     evaluate_passkey,
     make_passkey_prompt,
     passkey_batch,
     passkey_documents,
     passkey_prompt,
+)
+from mmrec.evals.passkey_text import (
+    FILLER_SENTENCES,
+    QUESTION,
     random_keys,
 )
 from mmrec.evals.synthetic import IGNORE
@@ -582,7 +584,7 @@ def test_cli_passkey_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
 
 
 def test_prose_filler(tmp_path: Path) -> None:
-    from mmrec.evals.passkey import FillerStream, read_filler
+    from mmrec.evals.passkey_text import FillerStream, read_filler
 
     text = tmp_path / "prose.txt"
     text.write_text("Now is the winter\nof our   discontent, made glorious summer.\n", encoding="utf-8")
@@ -629,7 +631,7 @@ WORDS_B = "friends romans countrymen lend me your ears i come to bury caesar not
 
 
 def test_disjoint_fillers_refuse_a_shared_file_or_passage(tmp_path: Path) -> None:
-    from mmrec.evals.passkey import check_disjoint_fillers
+    from mmrec.evals.passkey_text import check_disjoint_fillers
 
     train, test = tmp_path / "train", tmp_path / "test"
     train.mkdir()
@@ -656,7 +658,7 @@ def test_disjoint_fillers_refuse_a_shared_file_or_passage(tmp_path: Path) -> Non
 
 @pytest.mark.skipif(not SHAKESPEARE.is_dir(), reason="needs ../shared/data/shakespeare")
 def test_shakespeare_split_is_disjoint_and_documented() -> None:
-    from mmrec.evals.passkey import SHAKESPEARE_SPLIT, check_disjoint_fillers, filler_files
+    from mmrec.evals.passkey_text import SHAKESPEARE_SPLIT, check_disjoint_fillers, filler_files
 
     train, test = (str(SHAKESPEARE / SHAKESPEARE_SPLIT[side]) for side in ("train", "test"))
     train_files, test_files = set(filler_files(train)), set(filler_files(test))
@@ -698,7 +700,7 @@ def test_distractors_have_the_density_and_format_and_are_never_the_key(
 
 
 def test_a_distractor_equal_to_the_key_is_redrawn(monkeypatch: pytest.MonkeyPatch) -> None:
-    from mmrec.evals import passkey as pk
+    from mmrec.evals import passkey_text as pk
 
     draws = iter(["48213", "48213", "11111", "48213", "22222"])
     monkeypatch.setattr(pk, "random_keys", lambda rng, n: [next(draws)])
@@ -709,7 +711,7 @@ def test_a_distractor_equal_to_the_key_is_redrawn(monkeypatch: pytest.MonkeyPatc
 
 
 def test_templates_are_drawn_from_the_set_given() -> None:
-    from mmrec.evals.passkey import KEY_TEMPLATES
+    from mmrec.evals.passkey_text import KEY_TEMPLATES
 
     needles = {name: t.needle.split("{key}")[0] for name, t in KEY_TEMPLATES.items()}
     questions = {name: t.question for name, t in KEY_TEMPLATES.items()}

@@ -34,6 +34,7 @@ from mmrec.cli.tasks import (
 from mmrec.config import ConfigError, _doc, _positive, _require
 from mmrec.evals import passkey as pk
 from mmrec.evals import passkey_report as pkr
+from mmrec.evals import passkey_text as pkt
 from mmrec.evals.common import write_results
 from mmrec.models.checkpoint import load
 from mmrec.models.factory import build_model
@@ -56,21 +57,21 @@ def _check_filler(paths: list[str], name: str) -> None:
     if paths:
         option = "--" + name.replace("_", "-")
         try:
-            pk.filler_files(paths, option)
+            pkt.filler_files(paths, option)
         except ValueError as e:
             raise ConfigError(f"{name}: {str(e).removeprefix(option + ' ')}") from None
 
 
 def _check_templates(names: list[str], name: str) -> None:
     try:
-        pk.key_templates(names)
+        pkt.key_templates(names)
     except ValueError as e:
         raise ConfigError(f"{name}: {e}") from None
     _require(len(set(names)) == len(names), name, f"name each template once, got {' '.join(names)}")
 
 
 def _read_filler(tokenizer: Any, paths: list[str], option: str) -> list[int] | None:
-    return pk.read_filler(tokenizer, paths, option) if paths else None
+    return pkt.read_filler(tokenizer, paths, option) if paths else None
 
 
 FILLER_HELP = (
@@ -78,7 +79,7 @@ FILLER_HELP = (
     "their words joined in path order, cycled from a place chosen per prompt; the text's own digits are kept."
 )
 TEMPLATES_HELP = (
-    f"Phrasings of the key line and its question, one drawn per prompt: {', '.join(pk.KEY_TEMPLATES)} "
+    f"Phrasings of the key line and its question, one drawn per prompt: {', '.join(pkt.KEY_TEMPLATES)} "
     "(passkey is the classic 'The pass key is N. Remember it. N is the pass key.')."
 )
 
@@ -108,7 +109,7 @@ class PasskeyGridOptions(LongContextOptions):
     )
     templates: list[str] = _doc(
         TEMPLATES_HELP + " synth passkey: training's, and the grid's unless --eval-templates.",
-        default_factory=lambda: list(pk.DEFAULT_TEMPLATES),
+        default_factory=lambda: list(pkt.DEFAULT_TEMPLATES),
         group="passkey grid",
     )
     distractors: float = _doc(
@@ -131,9 +132,9 @@ class PasskeyGridOptions(LongContextOptions):
         _check_templates(self.templates, "templates")
         finite(self.distractors, "distractors", 0.0, strict=False)
         _require(
-            self.distractors <= pk.MAX_DISTRACTORS,
+            self.distractors <= pkt.MAX_DISTRACTORS,
             "distractors",
-            f"at most {pk.MAX_DISTRACTORS:g} per 1,000 filler tokens, got {self.distractors:g}",
+            f"at most {pkt.MAX_DISTRACTORS:g} per 1,000 filler tokens, got {self.distractors:g}",
         )
 
     def grade(
@@ -190,7 +191,7 @@ class SynthPasskeyOptions(TaskOptions, PasskeyGridOptions):
     eval_filler: list[str] = _doc(
         "Filler of the held-out batches and the grid (files, folders, globs), instead of --filler: a test on "
         "text never trained on. Refused when it shares a file, or a run of "
-        f"{pk.SHARED_WORDS} words, with --filler.",
+        f"{pkt.SHARED_WORDS} words, with --filler.",
         default_factory=list,
         group="passkey grid",
     )
@@ -216,7 +217,7 @@ class SynthPasskeyOptions(TaskOptions, PasskeyGridOptions):
             _check_templates(self.eval_templates, "eval_templates")
         if self.filler and self.eval_filler:
             try:  # before any model or folder exists: a test on training text is refused in a second
-                self.filler_check = pk.check_disjoint_fillers(self.filler, self.eval_filler)
+                self.filler_check = pkt.check_disjoint_fillers(self.filler, self.eval_filler)
             except ValueError as e:
                 raise ConfigError(f"eval_filler: {str(e).removeprefix('--eval-filler: ')}") from None
         self.tok = _tokenizer(self.tokenizer)
@@ -335,7 +336,7 @@ def protocol(
     Beside ``filler``, the command's own flag (synth passkey: training's; eval passkey: the grid's).
 
     ``filler_held_out``: True when the test filler shares no text with training's (files checked by
-    :func:`mmrec.evals.passkey.check_disjoint_fillers`, or the five sentences on one side and files on the
+    :func:`mmrec.evals.passkey_text.check_disjoint_fillers`, or the five sentences on one side and files on the
     other), False when both read the same text, None when the training filler is not known.
     """
     held_out: bool | None
@@ -372,7 +373,7 @@ class PasskeyDataOptions:
     tokenizer: str = _doc(TOKENIZER_HELP + " Lengths count its tokens.", default="byte")
     seed: int = _doc("Seed.", default=0)
     filler: list[str] = _doc(FILLER_HELP, default_factory=list)
-    templates: list[str] = _doc(TEMPLATES_HELP, default_factory=lambda: list(pk.DEFAULT_TEMPLATES))
+    templates: list[str] = _doc(TEMPLATES_HELP, default_factory=lambda: list(pkt.DEFAULT_TEMPLATES))
     distractors: float = _doc(
         "Numbers of the key's format inserted between the filler's words, per 1,000 filler tokens.", default=0.0
     )
@@ -384,9 +385,9 @@ class PasskeyDataOptions:
         _check_templates(self.templates, "templates")
         finite(self.distractors, "distractors", 0.0, strict=False)
         _require(
-            self.distractors <= pk.MAX_DISTRACTORS,
+            self.distractors <= pkt.MAX_DISTRACTORS,
             "distractors",
-            f"at most {pk.MAX_DISTRACTORS:g} per 1,000 filler tokens, got {self.distractors:g}",
+            f"at most {pkt.MAX_DISTRACTORS:g} per 1,000 filler tokens, got {self.distractors:g}",
         )
         _require(not Path(self.out).is_dir(), "out", f"{self.out} is a folder; give the .jsonl file to write")
         _positive(self, "n", "min_len", "max_len")
@@ -452,7 +453,7 @@ def training_side(config: dict[str, Any]) -> tuple[list[str] | None, list[str] |
         return None, None
     filler = config.get("filler") or []
     return ([filler] if isinstance(filler, str) else list(filler)), list(
-        config.get("templates") or pk.DEFAULT_TEMPLATES
+        config.get("templates") or pkt.DEFAULT_TEMPLATES
     )
 
 
@@ -465,12 +466,12 @@ def check_seen_filler(opts: EvalPasskeyOptions, train_filler: list[str] | None) 
     if not opts.filler or not train_filler:
         return train_filler, None
     try:
-        pk.filler_files(train_filler, "training filler")
+        pkt.filler_files(train_filler, "training filler")
     except ValueError as e:
         print(f"note: the training filler cannot be read ({e}), so --filler is not checked against it")
         return None, None
     try:
-        return train_filler, pk.check_disjoint_fillers(train_filler, opts.filler, option="--filler")
+        return train_filler, pkt.check_disjoint_fillers(train_filler, opts.filler, option="--filler")
     except ValueError as e:
         if opts.allow_seen_filler:
             print(f"note: {e}; graded anyway (--allow-seen-filler), so this is not a held-out result")
