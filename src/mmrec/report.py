@@ -2,37 +2,26 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from pathlib import Path
 from typing import Any
 
+from mmrec.report_plots import (
+    LABELS,
+    fmt,
+    plot_bpb_by_position,
+    plot_loss_curves,
+    plot_speed,
+    plot_stage_timeline,
+    read_csv,
+)
 from mmrec.utils.fmt import human_bytes
 
-LABELS = {"mmrec": "MM-Rec", "gpt": "GPT-style", "llama": "LLaMA-style", "mistral": "Mistral-style"}
-COLORS = {"mmrec": "#d62728", "gpt": "#1f77b4", "llama": "#2ca02c", "mistral": "#9467bd"}
-STAGE_COLORS = ["#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
 # Two final losses closer than this (bits/byte) are reported as a tie when no standard error is known: a
 # single training seed evaluated once on one validation sample cannot order them (a stated threshold, not
 # a measured noise level). With standard errors (``val_bpb_se`` in a summary) the rule is two of them.
 TIE_BPB = 0.01
-
-
-def _read_csv(path: Path) -> list[dict[str, float]]:
-    if not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        rows = []
-        for r in csv.DictReader(f):
-            row = {}
-            for k, v in r.items():
-                try:
-                    row[k] = float(v)
-                except (TypeError, ValueError):
-                    continue
-            rows.append(row)
-        return rows
 
 
 def _stages(run: Path) -> dict[str, Any] | None:
@@ -40,191 +29,9 @@ def _stages(run: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _fmt(v: Any, digits: int = 3) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "not evaluated"
-    return f"{v:.{digits}f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v)
-
-
-def _or_nan(v: float | None) -> float:
-    return float("nan") if v is None else v
-
-
-def _plt() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_loss_curves(models: dict[str, Any], runs: dict[str, Path], stages: dict[str, Any], path: Path) -> None:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(9, 5))
-    for key in models:
-        train = _read_csv(runs[key] / "metrics.csv")
-        evals = _read_csv(runs[key] / "eval.csv")
-        if train:
-            ax.plot([r["tokens"] for r in train], [r["bpb"] for r in train], color=COLORS[key], alpha=0.25, lw=0.7)
-        if evals:
-            ax.plot(
-                [r["tokens"] for r in evals],
-                [r["val_bpb"] for r in evals],
-                "o-",
-                color=COLORS[key],
-                ms=3,
-                label=f"{LABELS[key]} (validation)",
-            )
-    bands = next((s.get("bands") for s in stages.values() if s and s.get("bands")), None)
-    if bands:
-        for i, stage in enumerate(bands["stages"]):
-            lo, hi = sorted(stage["end"]["bits_per_byte"])
-            ax.axhspan(lo, hi, color=STAGE_COLORS[i], alpha=0.12)
-            ax.text(
-                1.0,
-                (lo + hi) / 2,
-                f" seed stage {stage['id']} end",
-                transform=ax.get_yaxis_transform(),
-                fontsize=7,
-                va="center",
-                color=STAGE_COLORS[i],
-            )
-    refs = next((s.get("references") for s in stages.values() if s and s.get("references")), None)
-    if refs:
-        for name, style in (("unigram", ":"), ("ngram", "--")):
-            value = _ref_bpb(refs, name)
-            if value is not None:
-                ax.axhline(value, color="black", ls=style, lw=1, label=f"{name} reference ({value:.2f} bpb)")
-    ax.set_xlabel("tokens seen")
-    ax.set_ylabel("bits per byte (faint: training; points: validation)")
-    ax.set_title("Loss against tokens, with the seed's bands converted to bits per byte")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _ref_bpb(refs: dict[str, Any], name: str) -> float | None:
-    """The reference's bits/byte, whatever nesting the tracker used."""
-    for key in (f"{name}_bpb", name):
-        v = refs.get(key)
-        if isinstance(v, (int, float)):
-            return float(v)
-        if isinstance(v, dict):
-            for inner in ("bpb", "bits_per_byte"):
-                if isinstance(v.get(inner), (int, float)):
-                    return float(v[inner])
-    return None
-
-
-def plot_stage_timeline(stages: dict[str, Any], path: Path) -> None:
-    plt = _plt()
-    keys = [k for k in stages if stages[k]]
-    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.7 * len(keys)))
-    for row, key in enumerate(keys):
-        for rec in stages[key]["stages"]:
-            if rec["reached"]:
-                ax.scatter(
-                    rec["tokens"],
-                    row,
-                    s=120,
-                    color=STAGE_COLORS[rec["id"] - 1],
-                    zorder=3,
-                    marker="o" if not rec.get("out_of_order") else "X",
-                )
-                ax.annotate(
-                    str(rec["id"]), (rec["tokens"], row), ha="center", va="center", fontsize=7, color="white", zorder=4
-                )
-    ax.set_yticks(range(len(keys)), [LABELS[k] for k in keys])
-    ax.set_xlabel("tokens seen when the stage was first reached (X: out of order)")
-    ax.set_title("Learning stages: 1 tokens, 2 grammar, 3 context use, 4 knowledge, 5 in-context reasoning")
-    ax.grid(axis="x", alpha=0.3)
-    ax.set_ylim(-0.7, len(keys) - 0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_bpb_by_position(models: dict[str, Any], path: Path) -> None:
-    plt = _plt()
-    import numpy as np
-
-    first = next(iter(models.values()))["bpb_by_position"]
-    keep = [i for i, n in enumerate(first["tokens"]) if n > 0]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    width = 0.8 / len(models)
-    for j, (key, m) in enumerate(models.items()):
-        r = m["bpb_by_position"]
-        x = np.arange(len(keep)) + j * width
-        # A bucket not evaluated is left empty (nan), not drawn as 0.
-        axes[0].bar(x, [_or_nan(r["full_bpb"][i]) for i in keep], width, color=COLORS[key], label=LABELS[key])
-        axes[1].bar(x, [_or_nan(r["gain_bpb"][i]) for i in keep], width, color=COLORS[key], label=LABELS[key])
-    for ax, title in (
-        (axes[0], "bits per byte, full context"),
-        (axes[1], "long-context gain: cut-context bpb minus full-context bpb"),
-    ):
-        ax.set_xticks(np.arange(len(keep)) + 0.4 - width / 2, [first["buckets"][i] for i in keep])
-        ax.set_xlabel("position in document (tokens)")
-        ax.set_title(title, fontsize=10)
-        ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_speed(models: dict[str, Any], path: Path) -> None:
-    plt = _plt()
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for key, m in models.items():
-        s = m["speed"]
-        ok = [r for r in s["train"] if "tokens_per_s" in r]
-        axes[0].plot(
-            [r["seq_len"] for r in ok],
-            [r["tokens_per_s"] for r in ok],
-            "o-",
-            color=COLORS[key],
-            label=f"{LABELS[key]} (exponent {_fmt(s['exponent'], 2)})",
-        )
-        dec = [d for d in s["decode"] if "ms_per_token" in d]
-        axes[1].plot(
-            [d["context"] for d in dec], [d["ms_per_token"] for d in dec], "o-", color=COLORS[key], label=LABELS[key]
-        )
-        axes[2].plot(
-            [d["context"] for d in dec],
-            [d["state_bytes"] / 2**20 for d in dec],
-            "o-",
-            color=COLORS[key],
-            label=LABELS[key],
-        )
-    for ax, (title, ylabel) in zip(
-        axes,
-        (
-            ("training throughput", "tokens/s"),
-            ("decoding latency", "ms per token"),
-            ("state / KV cache while decoding", "MiB"),
-        ),
-        strict=True,
-    ):
-        ax.set_xscale("log", base=2)
-        ax.set_title(title, fontsize=10)
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    axes[0].set_xlabel("training window (tokens)")
-    axes[1].set_xlabel("context (tokens)")
-    axes[2].set_xlabel("context (tokens)")
-    axes[2].set_yscale("log")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def _loss_progression(run: Path) -> tuple[float | None, float | None, float | None, float | None]:
-    evals = _read_csv(run / "eval.csv")
-    train = _read_csv(run / "metrics.csv")
+    evals = read_csv(run / "eval.csv")
+    train = read_csv(run / "metrics.csv")
     start = train[0]["bpb"] if train else None
     start_loss = train[0]["loss"] if train else None
     end = evals[-1]["val_bpb"] if evals else None
@@ -291,16 +98,16 @@ def _report_lines(
         *head,
     ]
     row = lambda name, vals: lines.append(f"| {name} | " + " | ".join(vals) + " |")  # noqa: E731
-    row("parameters", [_fmt(_params(runs[k])) for k in keys])
+    row("parameters", [fmt(_params(runs[k])) for k in keys])
     row("learning order (stages reached)", [_order_text(stages.get(k)) for k in keys])
     prog = {k: _loss_progression(runs[k]) for k in keys}
     row(
         "loss progression, bits/byte (first step -> final validation)",
-        [f"{_fmt(prog[k][0])} -> {_fmt(prog[k][1])}" for k in keys],
+        [f"{fmt(prog[k][0])} -> {fmt(prog[k][1])}" for k in keys],
     )
-    row("loss progression, nats/token", [f"{_fmt(prog[k][2])} -> {_fmt(prog[k][3])}" for k in keys])
+    row("loss progression, nats/token", [f"{fmt(prog[k][2])} -> {fmt(prog[k][3])}" for k in keys])
     tokens = {k: models[k]["summary"].get("tokens") for k in keys}
-    row("data amount (tokens trained)", [_fmt(None if tokens[k] is None else int(tokens[k])) for k in keys])
+    row("data amount (tokens trained)", [fmt(None if tokens[k] is None else int(tokens[k])) for k in keys])
     row(
         "context trained / evaluated (tokens)",
         [
@@ -319,8 +126,8 @@ def _report_lines(
         ],
     )
     row("bytes carried at 32K context", [human_bytes(models[k]["speed"]["state_bytes_32k"]["bytes"]) for k in keys])
-    row("attention cost: fitted exponent of time vs length", [_fmt(models[k]["speed"]["exponent"], 2) for k in keys])
-    row("final validation bits/byte", [_fmt(models[k]["summary"].get("val_bpb")) for k in keys])
+    row("attention cost: fitted exponent of time vs length", [fmt(models[k]["speed"]["exponent"], 2) for k in keys])
+    row("final validation bits/byte", [fmt(models[k]["summary"].get("val_bpb")) for k in keys])
     lines += [
         "",
         "Exponent: the slope of log(time per sequence) against log(length) for forward + backward "
@@ -364,11 +171,11 @@ def _report_lines(
         r = models[k]["bpb_by_position"]
         lines.append(
             f"| {LABELS[k]} (full) | "
-            + " | ".join(_fmt(v) for v in r["full_bpb"])
-            + f" | {_fmt(r['overall_full_bpb'])} |"
+            + " | ".join(fmt(v) for v in r["full_bpb"])
+            + f" | {fmt(r['overall_full_bpb'])} |"
         )
         lines.append(
-            f"| {LABELS[k]} (cut) | " + " | ".join(_fmt(v) for v in r["cut_bpb"]) + f" | {_fmt(r['overall_cut_bpb'])} |"
+            f"| {LABELS[k]} (cut) | " + " | ".join(fmt(v) for v in r["cut_bpb"]) + f" | {fmt(r['overall_cut_bpb'])} |"
         )
     if figures.get("bpb_by_position.png"):
         lines += ["", "![bits per byte by position](bpb_by_position.png)"]
@@ -445,10 +252,10 @@ def context_gain_lines(stages: dict[str, Any], keys: list[str]) -> list[str]:
             lines.append(f"| {LABELS[k]} | not tracked | - | - | - |")
             continue
         row = history[-1]
-        excess = f"{_fmt(row.get('context_excess'))} +- {_fmt(row.get('context_excess_se'))}"
+        excess = f"{fmt(row.get('context_excess'))} +- {fmt(row.get('context_excess_se'))}"
         lines.append(
-            f"| {LABELS[k]} | {context_start_text(row)} | {_fmt(row.get('context_gain'))} | "
-            f"{_fmt(row.get('ngram_context_gain'))} | {excess} |"
+            f"| {LABELS[k]} | {context_start_text(row)} | {fmt(row.get('context_gain'))} | "
+            f"{fmt(row.get('ngram_context_gain'))} | {excess} |"
         )
     return lines
 
@@ -530,14 +337,14 @@ def _findings(
     if any(v is not None for v in gains.values()):
         out.append(
             "Long-context gain beyond the first 1K positions (cut minus full, bits/byte; > 0 means the "
-            "model uses context beyond the cut): " + ", ".join(f"{LABELS[k]} {_fmt(v)}" for k, v in gains.items()) + "."
+            "model uses context beyond the cut): " + ", ".join(f"{LABELS[k]} {fmt(v)}" for k, v in gains.items()) + "."
         )
     exps = {k: models[k]["speed"]["exponent"] for k in keys}
     out.append(
         "Time against length (fitted exponent, training, "
         + exponent_lengths_text(models)
         + "): "
-        + ", ".join(f"{LABELS[k]} {_fmt(v, 2)}" for k, v in exps.items())
+        + ", ".join(f"{LABELS[k]} {fmt(v, 2)}" for k, v in exps.items())
         + "."
     )
     st32 = {k: models[k]["speed"]["state_bytes_32k"]["bytes"] for k in keys}
