@@ -245,8 +245,10 @@ async def bench_model(
                 f"  {arch} C={context}: session filled in {prefill_s:.2f} s; state {info['state_bytes']:,} bytes",
                 flush=True,
             )
+            # The reference runs on this (main) thread, once the server is idle: torch work on changing worker
+            # threads would start an OpenMP team on each, and libgomp then stops spinning (run_server says more).
             if alone is not None:
-                await asyncio.to_thread(alone.fill, text)
+                alone.fill(text)
             for k in clients:
                 names = [f"{source}-k{k}-{i}" for i in range(k)]
                 start = time.perf_counter()
@@ -260,9 +262,7 @@ async def bench_model(
                 engine_before = (await client.get("/health")).json()["engine"]["decode_steps_by_batch_size"]
                 row = await trial(url, names, tokens)
                 # One stream only: K copies of a 32K KV cache in this process too would double the memory.
-                row["in_process_ms_per_step"] = (
-                    await asyncio.to_thread(alone.ms_per_step, 1, tokens) if alone is not None and k == 1 else None
-                )
+                row["in_process_ms_per_step"] = alone.ms_per_step(1, tokens) if alone is not None and k == 1 else None
                 engine_after = (await client.get("/health")).json()["engine"]["decode_steps_by_batch_size"]
                 for name in names:
                     await client.delete(f"/v1/sessions/{name}", headers=HEADERS)

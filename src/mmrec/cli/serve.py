@@ -50,6 +50,7 @@ class ServeOptions:
         "(about a minute), then 1.5-2.5x fewer ms per token (docs/serving.md).",
         default=False,
     )
+    threads: int | None = _doc("CPU threads of the model (default: one per core).", default=None)
     log_level: str = _doc(
         "Server log level.", default="info", choices=("critical", "error", "warning", "info", "debug")
     )
@@ -57,6 +58,7 @@ class ServeOptions:
     def __post_init__(self) -> None:
         _require(bool(self.host), "host", "give an address to listen on (127.0.0.1 for this machine only)")
         _require(0 <= self.port <= 65535, "port", f"must be in 0..65535, got {self.port}")
+        _require(self.threads is None or self.threads >= 1, "threads", f"must be >= 1, got {self.threads}")
         _positive(
             self,
             "max_batch",
@@ -97,6 +99,7 @@ def _serve(opts: ServeOptions) -> int:
         device=str(resolve_device(opts.device)),
         log_level=opts.log_level,
         compile=opts.compile,
+        threads=opts.threads,
     )
     return 0
 

@@ -159,8 +159,12 @@ class Engine:
         max_batch: int = 16,
         max_queue: int = 64,
         prefill_chunk: int = 2048,
+        threads: int | None = None,
     ) -> None:
+        """``threads``: torch's CPU threads for the engine thread (None: as the process has them). See
+        :func:`mmrec.serve.app.run_server` for why the model's work should stay on this one thread."""
         self.model = model
+        self.threads = threads
         self.tokenizer = tokenizer
         self.eos: int | None = getattr(tokenizer, "eot_id", None)
         self.max_batch = max_batch
@@ -211,6 +215,8 @@ class Engine:
     # The engine thread ------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
         with torch.no_grad():
             while True:
                 with self._wake:

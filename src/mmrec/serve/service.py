@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, StreamingResponse
@@ -141,15 +142,21 @@ class Service:
         limits: Limits,
         api_keys: tuple[str, ...],
         info: dict[str, Any],
+        engine_threads: int | None = None,
     ) -> None:
         self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
         self.fingerprint, self.store, self.limits = fingerprint, store, limits
         self.api_keys = tuple(k.encode("utf-8") for k in api_keys)
         self.info = info
-        self.engine = Engine(model, tokenizer, limits.max_batch, limits.max_queue, limits.prefill_chunk)
+        self.engine = Engine(
+            model, tokenizer, limits.max_batch, limits.max_queue, limits.prefill_chunk, threads=engine_threads
+        )
         # Session reads and writes run on two threads of their own: asyncio's default pool grows to
         # cpu_count + 4 threads, each of which can hold a malloc arena of its own (memory that stays).
-        self._io_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mmrec-serve-io")
+        # One torch thread each: an OpenMP team of their own would slow the engine's (see run_server).
+        self._io_pool = ThreadPoolExecutor(
+            max_workers=2, thread_name_prefix="mmrec-serve-io", initializer=torch.set_num_threads, initargs=(1,)
+        )
         self.locks = SessionLocks(limits.max_session_waiting)
         self.created = int(time.time())
         pos_embed = getattr(model, "pos_embed", None)
