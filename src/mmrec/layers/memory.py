@@ -198,8 +198,8 @@ def decode_masks(
     """What one decoding step of streams at ``position`` (one for all, or one per stream) needs to know
     of the positions, worked out on the host (no device sync) and shared by every layer:
 
-    - ``keep``, ``row`` ([1 or B, C, 1], ``pending``'s dtype): the step's pending buffer is
-      ``pending * keep + row * x``: the chunk's earlier rows, the token in its row, zeros after it (as
+    - ``keep``, ``row`` ([C, 1] for one position, [B, C, 1] for one per stream; ``pending``'s dtype):
+      the step's pending buffer is ``pending * keep + row * x``: the chunk's earlier rows, the token in its row, zeros after it (as
       the chunked path leaves them, whatever the rows from there on held before);
     - ``blocked`` ([1 or B, 1, E] or None): entries a stream may not read (FIFO entries of chunks
       that never existed);

@@ -416,8 +416,14 @@ class Service:
         prefix = "cmpl" if turn.kind == "completion" else "chatcmpl"
         rid = f"{prefix}-{uuid.uuid4().hex}"
 
+        envelope = self._envelope(turn, rid, chunk=True)  # one "created" for every chunk, as OpenAI's
+
         def chunk(text: str | None, reason: str | None) -> dict[str, Any]:
-            return {**self._envelope(turn, rid, chunk=True), "choices": [self._choice(turn, text, reason, True)]}
+            return {**envelope, "choices": [self._choice(turn, text, reason, True)]}
+
+        # A token's chunk is the same JSON each time but for its text: rendered once, split where the text goes.
+        marker = "\u0000mmrec-text\u0000"
+        head, tail = _sse(chunk(marker, None)).split(json.dumps(marker))
 
         if turn.kind == "chat":
             first = chunk(None, None)
@@ -426,7 +432,7 @@ class Service:
         while True:
             event = await events.get()
             if isinstance(event, TextChunk):
-                yield _sse(chunk(event.text, None))
+                yield head + json.dumps(event.text) + tail
             elif isinstance(event, Failed):
                 yield _sse(self._failure(event).body())
                 return
