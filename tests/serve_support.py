@@ -86,3 +86,33 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def run_engine(model: Any, jobs: list[dict], stats: dict | None = None, tokenizer: Any = None) -> list[list]:
+    """Run ``jobs`` (Job keyword arguments) through one Engine, all queued before it starts (so they are
+    fed in its first step and join one batch); the events of each. ``stats`` receives the engine's."""
+    from mmrec.serve.engine import Engine, Failed, Finished, Job
+
+    engine = Engine(model, tokenizer or ByteTokenizer(), max_batch=len(jobs))
+    events: list[list] = [[] for _ in jobs]
+    done = threading.Semaphore(0)
+
+    def sink(i: int) -> Any:
+        def put(event: Any) -> None:
+            events[i].append(event)
+            if isinstance(event, Finished | Failed):
+                done.release()
+
+        return put
+
+    for i, kw in enumerate(jobs):
+        engine.submit(Job(sink=sink(i), **kw))
+    engine.start()
+    try:
+        for _ in jobs:
+            assert done.acquire(timeout=60)
+    finally:
+        engine.stop()
+    if stats is not None:
+        stats.update(engine.stats.as_dict())
+    return events

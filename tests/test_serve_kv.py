@@ -10,8 +10,8 @@ import pytest
 
 from mmrec.config import TransformerConfig
 from mmrec.evals.common import load_checkpoint
-from mmrec.serve.engine import Engine, Failed, Finished, Job, TextChunk
-from serve_support import lively_checkpoint
+from mmrec.serve.engine import Finished, TextChunk
+from serve_support import lively_checkpoint, run_engine
 
 # Prompt lengths 1 to 37: mistral's window (8) and the caches' first capacities (16, 32) fall between them.
 PROMPTS = [("abcdefghijklmnopqrstuvwxyz0123456789 "[: 1 + (7 * i) % 37]).encode() for i in range(16)]
@@ -27,29 +27,12 @@ def _config(preset: str) -> TransformerConfig:
 def _run(model, tokenizer, prompts: list[bytes], max_tokens: int) -> tuple[list[str], dict]:  # noqa: ANN001
     """Greedy replies to ``prompts``, all queued before the engine starts (so they are fed in its first
     step and join one batch), and the engine's stats."""
-    engine = Engine(model, tokenizer, max_batch=len(prompts))
-    events: list[list] = [[] for _ in prompts]
-    done = threading.Semaphore(0)
-
-    def sink(i: int):  # noqa: ANN202
-        def put(event) -> None:  # noqa: ANN001
-            events[i].append(event)
-            if isinstance(event, Finished | Failed):
-                done.release()
-
-        return put
-
-    for i, prompt in enumerate(prompts):
-        engine.submit(Job(prompt_ids=list(prompt), max_tokens=max_tokens, sink=sink(i), temperature=0))
-    engine.start()
-    try:
-        for _ in prompts:
-            assert done.acquire(timeout=60)
-    finally:
-        engine.stop()
+    stats: dict = {}
+    jobs = [dict(prompt_ids=list(p), max_tokens=max_tokens, temperature=0) for p in prompts]
+    events = run_engine(model, jobs, stats, tokenizer)
     for e in events:
         assert isinstance(e[-1], Finished), e[-1]
-    return ["".join(x.text for x in e if isinstance(x, TextChunk)) for e in events], engine.stats.as_dict()
+    return ["".join(x.text for x in e if isinstance(x, TextChunk)) for e in events], stats
 
 
 @pytest.mark.parametrize("preset", ["gpt", "llama", "mistral"])

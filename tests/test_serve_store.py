@@ -134,36 +134,9 @@ def test_text_is_sent_in_whole_characters_and_cut_before_a_stop_string() -> None
 
 
 def _run_engine(model, jobs: list[dict], stats: dict | None = None) -> list[list]:  # noqa: ANN001
-    """Run ``jobs`` (Job keyword arguments) through one Engine, all queued before it starts (so they are
-    fed in its first step); the events of each. ``stats`` receives the engine's."""
-    import threading
+    from serve_support import run_engine
 
-    from mmrec.serve.engine import Engine, Failed, Finished
-    from mmrec.tokenizer import ByteTokenizer
-
-    engine = Engine(model, ByteTokenizer(), max_batch=len(jobs))
-    events: list[list] = [[] for _ in jobs]
-    done = threading.Semaphore(0)
-
-    def sink(i: int):  # noqa: ANN202
-        def put(event) -> None:  # noqa: ANN001
-            events[i].append(event)
-            if isinstance(event, Finished | Failed):
-                done.release()
-
-        return put
-
-    for i, kw in enumerate(jobs):
-        engine.submit(Job(sink=sink(i), **kw))
-    engine.start()
-    try:
-        for _ in jobs:
-            assert done.acquire(timeout=60)
-    finally:
-        engine.stop()
-    if stats is not None:
-        stats.update(engine.stats.as_dict())
-    return events
+    return run_engine(model, jobs, stats)
 
 
 def _reply(events: list) -> str:

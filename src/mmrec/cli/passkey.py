@@ -52,6 +52,19 @@ def _tokenizer(spec: str) -> Any:
         raise ConfigError(f"tokenizer: {e}") from None
 
 
+def _check_prompt_text(filler: Any, templates: Any, distractors: float) -> None:
+    """The options that make a prompt's text (--filler, --templates, --distractors), checked alike by
+    every command that builds prompts."""
+    _check_filler(filler, "filler")
+    _check_templates(templates, "templates")
+    finite(distractors, "distractors", 0.0, strict=False)
+    _require(
+        distractors <= pkt.MAX_DISTRACTORS,
+        "distractors",
+        f"at most {pkt.MAX_DISTRACTORS:g} per 1,000 filler tokens, got {distractors:g}",
+    )
+
+
 def _check_filler(paths: list[str], name: str) -> None:
     """The filler's files exist (its text is read once the tokenizer is known)."""
     if paths:
@@ -128,14 +141,7 @@ class PasskeyGridOptions(LongContextOptions):
             _require(0.0 <= d <= 1.0, "depths", f"must be between 0 and 1, got {d}")
         _positive(self, "trials")
         self.check_long_context()
-        _check_filler(self.filler, "filler")
-        _check_templates(self.templates, "templates")
-        finite(self.distractors, "distractors", 0.0, strict=False)
-        _require(
-            self.distractors <= pkt.MAX_DISTRACTORS,
-            "distractors",
-            f"at most {pkt.MAX_DISTRACTORS:g} per 1,000 filler tokens, got {self.distractors:g}",
-        )
+        _check_prompt_text(self.filler, self.templates, self.distractors)
 
     def grade(
         self,
@@ -381,14 +387,7 @@ class PasskeyDataOptions:
 
     def __post_init__(self) -> None:
         _require(bool(self.out), "out", "give the .jsonl file to write")
-        _check_filler(self.filler, "filler")
-        _check_templates(self.templates, "templates")
-        finite(self.distractors, "distractors", 0.0, strict=False)
-        _require(
-            self.distractors <= pkt.MAX_DISTRACTORS,
-            "distractors",
-            f"at most {pkt.MAX_DISTRACTORS:g} per 1,000 filler tokens, got {self.distractors:g}",
-        )
+        _check_prompt_text(self.filler, self.templates, self.distractors)
         _require(not Path(self.out).is_dir(), "out", f"{self.out} is a folder; give the .jsonl file to write")
         _positive(self, "n", "min_len", "max_len")
         _require(self.min_len <= self.max_len, "min_len", f"{self.min_len} must not exceed max_len {self.max_len}")
