@@ -199,8 +199,9 @@ def decode_masks(
     of the positions, worked out on the host (no device sync) and shared by every layer:
 
     - ``keep``, ``row`` ([C, 1] for one position, [B, C, 1] for one per stream; ``pending``'s dtype):
-      the step's pending buffer is ``pending * keep + row * x``: the chunk's earlier rows, the token in its row, zeros after it (as
-      the chunked path leaves them, whatever the rows from there on held before);
+      the step's pending buffer is ``pending * keep + row * x``: the chunk's earlier rows, the token in
+      its row, zeros after it (as the chunked path leaves them, whatever the rows from there on held
+      before);
     - ``blocked`` ([1 or B, 1, E] or None): entries a stream may not read (FIFO entries of chunks
       that never existed);
     - ``done``: the streams whose chunk this token completes (None: all of them; [] none).
