@@ -18,7 +18,7 @@ from mmrec.layers.memory import LongTermMemory, decode_masks
 from mmrec.layers.short_term import ShortTermMixer
 from mmrec.models.generation import GenerationMixin
 from mmrec.models.output import LMOutput, check_input_ids, lm_loss
-from mmrec.models.state import MMRecState, Position, StateError, position_problem
+from mmrec.models.state import MMRecState, PendingRows, Position, StateError, position_problem
 from mmrec.ops.assoc import AssocState
 from mmrec.ops.scan import accumulation_dtype
 
@@ -46,6 +46,32 @@ def _chunk_offsets(position: Position, chunk_size: int) -> int | tuple[int, ...]
     if isinstance(position, int):
         return position % chunk_size
     return tuple(p % chunk_size for p in position)
+
+
+def _append_pending(
+    state: MMRecState, memory_in: Tensor, position: Position, keep: Tensor, row: Tensor
+) -> tuple[Tensor, PendingRows]:
+    """``state``'s pending buffer with one more token's rows, ``memory_in`` [L, B, d] (the slot memory's
+    inputs), at each stream's chunk offset, and the :class:`PendingRows` that holds it.
+
+    The newest state on a buffer the model made writes its row in place (4 KiB per layer and stream,
+    where a new buffer rewrites all C rows); any other state, or one whose tensors take gradients,
+    gets a new buffer: its rows before the offset, the new row, zeros after it (``keep``, ``row``
+    from :func:`~mmrec.layers.memory.decode_masks`)."""
+    pending = cast(Tensor, state.pending)
+    rows = state._pending_rows
+    tracked = torch.is_grad_enabled() and (pending.requires_grad or memory_in.requires_grad)
+    if rows is not None and rows.writable_by(state) and not tracked:
+        C = pending.size(2)
+        if isinstance(position, int):
+            pending.select(2, position % C).copy_(memory_in)
+        else:
+            streams = torch.arange(len(position), device=pending.device)
+            offsets = torch.tensor([p % C for p in position], device=pending.device)
+            pending[:, streams, offsets] = memory_in.to(pending.dtype)
+        return pending, rows
+    pending = torch.addcmul(pending * keep, row, memory_in.unsqueeze(2).to(pending.dtype))
+    return pending, PendingRows(pending, state.position)
 
 
 class MMRecBlock(nn.Module):
@@ -115,21 +141,21 @@ class MMRecBlock(nn.Module):
         blocked: Tensor | None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, AssocPending | None]:
         """One token per stream (decoding), x [B, d], without the memories' chunk writes: returns x, the
-        new short and conv, the slot memory's new pending and the associative memory's new pending
-        tensors (None for a memory the block does not have); ``keep``, ``row``, ``blocked`` from
+        new short and conv, the slot memory's input (the token's row of its pending buffer, which the
+        caller writes) and the associative memory's new pending tensors (None for a memory the block
+        does not have); ``keep``, ``row``, ``blocked`` from
         :func:`~mmrec.layers.memory.decode_masks`. The maths of :meth:`forward`, called as plain
         functions (at one token the time goes to per-op overhead, not arithmetic), with no Python
         branch on positions: the caller writes completed chunks after all layers have read."""
         n1, n3 = self.norm1, self.norm3
         y, short, conv = self.short_term.step(rms_norm_step(x, n1.weight, n1.eps), short, conv)
         x = x + y
-        pending = None
+        memory_in = None
         if self.memory is not None and slots is not None:
             assert self.norm2 is not None
-            memory, summaries, sequence, pending = slots
-            h = rms_norm_step(x, self.norm2.weight, self.norm2.eps)
-            x = x + self.memory.read_step(h, memory, summaries, sequence, blocked)
-            pending = torch.addcmul(pending * keep, row, h.unsqueeze(1))
+            memory, summaries, sequence = slots[:3]
+            memory_in = rms_norm_step(x, self.norm2.weight, self.norm2.eps)
+            x = x + self.memory.read_step(memory_in, memory, summaries, sequence, blocked)
         assoc_pending = None
         if self.assoc is not None and assoc is not None:
             assert self.norm_assoc is not None
@@ -138,7 +164,7 @@ class MMRecBlock(nn.Module):
             x = x + y
         gate, up = F.linear(rms_norm_step(x, n3.weight, n3.eps), self.mlp.w13.weight).chunk(2, -1)
         x = x + F.linear(F.silu(gate) * up, self.mlp.w2.weight)
-        return x, short, conv, pending, assoc_pending
+        return x, short, conv, memory_in, assoc_pending
 
 
 class MMRecLM(nn.Module, GenerationMixin):
@@ -344,14 +370,17 @@ class MMRecLM(nn.Module, GenerationMixin):
                     slots[0].size(2) + c.summary_window + 2,
                     like.device,
                 )
-        hidden, short, conv, pending, assoc_pending = reads(
+        hidden, short, conv, memory_in, assoc_pending = reads(
             ids, state.short, state.conv, slots, assoc, keep, row, blocked
         )
         new: dict[str, Tensor] = {"short": short, "conv": conv}
         write = done is None or bool(done)
+        new_position = position + 1 if isinstance(position, int) else tuple(p + 1 for p in position)
+        buffer: PendingRows | None = None
         if slots is not None:
-            assert pending is not None
+            assert memory_in is not None
             memory, summaries, sequence = slots[:3]
+            pending, buffer = _append_pending(state, memory_in, position, keep, row)
             if write:
                 dtype = self.embed.weight.dtype
                 written = [
@@ -361,6 +390,7 @@ class MMRecLM(nn.Module, GenerationMixin):
                     for i, blk in enumerate(self.layers)
                 ]
                 memory, summaries, sequence, pending = (torch.stack(ts) for ts in zip(*written, strict=True))
+                buffer = PendingRows(pending, new_position)  # a new buffer: older states keep theirs whole
             new.update(memory=memory, summaries=summaries, sequence=sequence, pending=pending)
         if assoc is not None:
             assert assoc_pending is not None
@@ -374,8 +404,11 @@ class MMRecLM(nn.Module, GenerationMixin):
                 assoc_memory = assoc_memory.unflatten(0, (L, B))
                 assoc_pending = cast(AssocPending, tuple(t.unflatten(0, (L, B)) for t in flat))
             new.update(zip(MMRecState.assoc_fields, (assoc_memory, *assoc_pending), strict=True))
-        new_position = position + 1 if isinstance(position, int) else tuple(p + 1 for p in position)
-        return hidden.unsqueeze(1), MMRecState(new_position, **new)
+        new_state = MMRecState(new_position, **new)
+        if buffer is not None:
+            buffer.position = new_state.position
+            new_state._pending_rows = buffer
+        return hidden.unsqueeze(1), new_state
 
     def _decode_reads(
         self,
@@ -389,10 +422,11 @@ class MMRecLM(nn.Module, GenerationMixin):
         blocked: Tensor | None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, AssocPending | None]:
         """The final normed hidden state [B, d] of one token per stream and the stacked new short, conv,
-        slot pending and associative pending tensors (None for a memory the model does not have): all of
-        a decoding step but the chunk writes, no Python branch on positions."""
+        slot memory inputs [L, B, d] (the token's pending rows) and associative pending tensors (None for
+        a memory the model does not have): all of a decoding step but the pending buffer's row and the
+        chunk writes, no Python branch on positions."""
         x = F.embedding(ids, self.embed.weight)  # [B, d]
-        shorts, convs, pendings, assoc_pendings = [], [], [], []
+        shorts, convs, memory_ins, assoc_pendings = [], [], [], []
         for i, block in enumerate(self.layers):
             layer_slots = None if slots is None else cast(SlotTensors, tuple(t[i] for t in slots))
             layer_assoc = None if assoc is None else cast(AssocTensors, tuple(t[i] for t in assoc))
@@ -400,15 +434,15 @@ class MMRecLM(nn.Module, GenerationMixin):
             shorts.append(s)
             convs.append(cv)
             if p is not None:
-                pendings.append(p)
+                memory_ins.append(p)
             if ap is not None:
                 assoc_pendings.append(ap)
         n = self.norm
-        pending = torch.stack(pendings) if pendings else None
+        memory_in = torch.stack(memory_ins) if memory_ins else None
         assoc_pending = None
         if assoc_pendings:
             assoc_pending = cast(AssocPending, tuple(torch.stack(ts) for ts in zip(*assoc_pendings, strict=True)))
-        return rms_norm_step(x, n.weight, n.eps), torch.stack(shorts), torch.stack(convs), pending, assoc_pending
+        return rms_norm_step(x, n.weight, n.eps), torch.stack(shorts), torch.stack(convs), memory_in, assoc_pending
 
     def compile_decoding(self, enabled: bool = True, warm_up: tuple[int, ...] = (1,), **compile_kwargs: Any) -> None:
         """Decode one token per stream through ``torch.compile``: the default inductor backend fuses the

@@ -298,6 +298,22 @@ def _verify(path: Path) -> None:
         raise StateError(f"{path} {problem}")
 
 
+class PendingRows:
+    """The slot memory's pending buffer [L, B, C, d] behind MM-Rec states the model made, and the position
+    of the newest of them: decoding writes each token's row into the buffer in place (rows before a
+    state's chunk offset are never written again, a completed chunk moves on to a new buffer), and only
+    the newest state may do so; an older state, decoded again (a branch), copies first. An older state
+    sharing the buffer may so see rows from its chunk offset on filled (rows it never reads: every step
+    writes its own row before a chunk is written), where a state made otherwise holds zeros."""
+
+    def __init__(self, tensor: Tensor, position: Position) -> None:
+        self.tensor, self.position = tensor, position
+
+    def writable_by(self, state: MMRecState) -> bool:
+        """Whether ``state`` is the newest state on this buffer (and holds it, not a copy or a view)."""
+        return state.pending is self.tensor and state.position == self.position
+
+
 @dataclass
 class MMRecState(TensorState):
     """Everything MM-Rec carries between calls, per layer (leading axis), per stream.
@@ -333,6 +349,8 @@ class MMRecState(TensorState):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        # Not a field, so dataclasses.replace (select, cat, to, clone, detach) never carries it over.
+        self._pending_rows: PendingRows | None = None
         for group in (self.slot_fields, self.assoc_fields):
             held = [name for name in group if getattr(self, name) is not None]
             if held and len(held) != len(group):

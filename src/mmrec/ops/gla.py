@@ -62,6 +62,13 @@ def gla_step(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor, state: Tensor) -> t
         with torch.autocast(device_type=v.device.type, enabled=False):
             return gla_step(q, k, v, log_g, state)
     cast = lambda t: t if t.dtype == acc else t.to(acc)  # noqa: E731
+    if torch.compiler.is_compiling():
+        # Under torch.compile the update and the read as broadcasts: inductor fuses the update into one
+        # pass over the state, where the batched products take two and a temporary (2x faster for 16
+        # streams on a 2-core CPU; the same maths, the read summed in another order).
+        S = cast(state) * torch.exp(cast(log_g))[..., None, None] + cast(k)[..., :, None] * cast(v)[..., None, :]
+        o = (cast(q)[..., :, None] * S).sum(-2)
+        return (o if o.dtype == v.dtype else o.to(v.dtype)), S
     g = torch.exp(cast(log_g)).view(B * H, 1, 1)
     S = torch.baddbmm(
         cast(state).reshape(B * H, dk, dv) * g, cast(k).reshape(B * H, dk, 1), cast(v).reshape(B * H, 1, dv)
