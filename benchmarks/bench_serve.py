@@ -191,11 +191,14 @@ class InProcess:
     """The same checkpoint decoding in this process, no server: the model's own time per step for K streams
     at a context, measured while the server is idle (median of ``steps`` steps, as bench_core.py does)."""
 
-    def __init__(self, checkpoint: Path, compile: bool = False) -> None:
+    def __init__(self, checkpoint: Path, compile: bool = False, threads: int | None = None) -> None:
+        import torch
+
         import mmrec
         from mmrec.utils.cpu import tune_glibc_malloc
 
         tune_glibc_malloc()  # as mmrec serve and bench_core.py do
+        torch.set_num_threads(threads or max(1, torch.get_num_threads() - 1))  # as the server's engine
         self.model: Any = mmrec.load(checkpoint, "cpu").model
         if compile and hasattr(self.model, "compile_decoding"):  # as the server compiles it
             self.model.compile_decoding(warm_up=(1,))
@@ -349,6 +352,13 @@ def main() -> int:
         action="store_true",
         help="serve MM-Rec with --compile (its decoding step through torch.compile; the in-process reference too)",
     )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="the server's --threads (torch threads of its engine; default: one per core), and the in-process "
+        "reference's",
+    )
     p.add_argument("--json", default=None, help="write every row (with each time between tokens) here")
     p.add_argument("--log", default=None, help="the servers' log (default: a temporary file)")
     args = p.parse_args()
@@ -368,6 +378,7 @@ def main() -> int:
             extra += ["--max-body-bytes", str(max(1 << 20, 2 * max(args.contexts) + 4096))]
             compiled = args.compile and arch == "mmrec"
             extra += ["--compile"] if compiled else []
+            extra += ["--threads", str(args.threads)] if args.threads else []
             sessions = root / arch / "sessions"
             with ServerProcess(checkpoint, sessions, log, *extra, startup_s=600 if compiled else 120) as server:
                 copier = None if args.fill_each else SessionCopier(checkpoint, sessions)
@@ -375,7 +386,9 @@ def main() -> int:
                     card = httpx.get(server.url + "/v1/models", headers=HEADERS).json()["data"][0]
                     how = "compiled decoding" if compiled else "eager decoding"
                     print(f"{arch}: {card['parameters']:,} parameters, state: {card['state']}, {how}", flush=True)
-                    alone = None if args.no_in_process else InProcess(checkpoint, compile=compiled)
+                    alone = None
+                    if not args.no_in_process:
+                        alone = InProcess(checkpoint, compile=compiled, threads=args.threads)
                     run = bench_model(server.url, arch, args.contexts, args.clients, args.tokens, copier, alone)
                     rows += asyncio.run(run)
                     servers[arch] = {"parameters": card["parameters"], "rss_bytes_after": server.rss_bytes()}

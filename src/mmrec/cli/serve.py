@@ -50,7 +50,9 @@ class ServeOptions:
         "(about a minute), then 1.5-2.5x fewer ms per token (docs/serving.md).",
         default=False,
     )
-    threads: int | None = _doc("CPU threads of the model (default: one per core).", default=None)
+    threads: int | None = _doc(
+        "CPU threads of the model (default: one per core but one, at least one: the rest serves HTTP).", default=None
+    )
     log_level: str = _doc(
         "Server log level.", default="info", choices=("critical", "error", "warning", "info", "debug")
     )
